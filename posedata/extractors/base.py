@@ -1,0 +1,182 @@
+"""The one protocol every extractor follows, and the fingerprint that names its output.
+
+An extractor is a frozen model (or a pure function of the source's annotations) that maps a
+batch of decoded images at the stored resolution to one dict of arrays per image. The build
+job runs any list of them and never knows which model is inside (datatrove's steps vs
+executors): it asks each for its `outputs()`, calls `setup(device)` once per actor and then
+`__call__` on batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+WEIGHTS_MODES = ("pretrained", "random", "tiny")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One file per sample in the feature's sidecar tar: `<key>.<suffix>`.
+
+    `suffix` ends in `.npy` (array, stored in `dtype` with allow_pickle=False) or `.png`
+    (uint8 image). `shape` is documentation for the card, with H and W standing for the
+    stored resolution and M for a count that varies per sample.
+    """
+
+    suffix: str
+    dtype: str
+    shape: tuple[Any, ...]
+    description: str = ""
+
+    @property
+    def is_png(self) -> bool:
+        return self.suffix.endswith(".png")
+
+
+class Sample(dict):
+    """What an extractor sees of one image: `key`, `image` (uint8 [H, W, 3] at the stored
+    resolution), `annotations` (from the source, already rescaled to the stored resolution)
+    and, for each feature it `requires`, that feature's arrays under the feature's name."""
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """First 12 hex digits of sha256 over canonical JSON (DESIGN.md §4)."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+class ExtractorError(RuntimeError):
+    """Raised by an extractor for one image it cannot process; the build rejects that image."""
+
+
+class Extractor:
+    """Base class. Subclasses set the class attributes and implement the four methods.
+
+    Weights (`weights`): "pretrained" loads real weights with `from_pretrained` from
+    `model` (a hub id or a local directory; the default is the class's `default_model`);
+    "random" builds the full-size architecture with seeded random weights (benchmarks);
+    "tiny" builds a tiny config of the same architecture (tests, CPU smoke runs).
+    """
+
+    name: ClassVar[str]
+    # Bump when the code changes what is written: it is part of the fingerprint.
+    version: ClassVar[str] = "1"
+    default_model: ClassVar[str] = ""
+    # Features this extractor reads from the sample (the build orders extractors by these).
+    requires: ClassVar[tuple[str, ...]] = ()
+    batch_size: ClassVar[int] = 16
+    # Share of one GPU an actor takes when CUDA is present (small models share a GPU).
+    gpu_share: ClassVar[float] = 1.0
+    # True when the extractor runs a neural network (False: pure function of annotations).
+    uses_model: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        weights: str = "pretrained",
+        model: str | None = None,
+        resolution: tuple[int, int] = (512, 352),
+        dtype: str = "fp16",
+        seed: int = 0,
+    ) -> None:
+        if weights not in WEIGHTS_MODES:
+            raise ValueError(f"weights must be one of {WEIGHTS_MODES}, got {weights!r}")
+        self.weights = weights
+        self.model_id = model or self.default_model
+        self.resolution = tuple(resolution)
+        self.dtype = dtype
+        self.seed = seed
+        self.device = "cpu"
+
+    # ---- what the build asks of every extractor -------------------------------------------
+
+    def fingerprint_inputs(self) -> dict[str, Any]:
+        """Everything that changes the output: model id, revision or weights hash,
+        preprocessing, resolution, dtype. Subclasses extend this dict."""
+        return {
+            "feature": self.name,
+            "code_version": self.version,
+            "model": self.model_label(),
+            "weights_digest": local_weights_digest(self.model_id) if self.weights == "pretrained" else None,
+            "resolution": list(self.resolution),
+            "dtype": self.dtype,
+        }
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.fingerprint_inputs())
+
+    @property
+    def folder(self) -> str:
+        """The feature's folder name inside `features/`: `<name>@<fp>`."""
+        return f"{self.name}@{self.fingerprint()}"
+
+    def model_label(self) -> str:
+        if self.weights == "pretrained":
+            return self.model_id
+        return f"{self.weights}-init:{self.model_id}:seed{self.seed}"
+
+    def outputs(self) -> dict[str, OutputSpec]:
+        raise NotImplementedError
+
+    def setup(self, device: str) -> None:
+        """Load the model onto `device`. Called once per actor, never on the driver."""
+        self.device = device
+
+    def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def null_embedding(self) -> dict[str, np.ndarray] | None:
+        """The output for an all-zero input after preprocessing (for CFG dropout), or None
+        for features that are not embeddings. Called after setup()."""
+        return None
+
+    def card(self) -> dict[str, Any]:
+        """What the dataset card records about this feature."""
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint(),
+            "folder": self.folder,
+            "weights": self.weights,
+            "model": self.model_label(),
+            "dtype": self.dtype,
+            "requires": list(self.requires),
+            "outputs": {
+                s.suffix: {"dtype": s.dtype, "shape": list(s.shape), "description": s.description}
+                for s in self.outputs().values()
+            },
+            "fingerprint_inputs": self.fingerprint_inputs(),
+        }
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def numpy_store_dtype(name: str) -> np.dtype:
+    """numpy has no bfloat16: bf16 features are stored as float32 .npy after bf16 rounding."""
+    return {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32), "bf16": np.dtype(np.float32)}[name]
+
+
+def local_weights_digest(model: str) -> str | None:
+    """For a local model directory: a hash over its files' names, sizes and first MiB, so two
+    different local checkpoints never share a fingerprint (hub ids carry their revision
+    instead). None when `model` is not a local directory."""
+    import os
+
+    if not os.path.isdir(model):
+        return None
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(model)):
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            h.update(os.path.relpath(path, model).encode())
+            h.update(str(os.path.getsize(path)).encode())
+            with open(path, "rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]

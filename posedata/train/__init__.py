@@ -1,0 +1,18 @@
+"""Training plugins, one module each, looked up by name."""
+
+from __future__ import annotations
+
+import importlib
+
+from posedata.train.plugin import Plugin
+
+REGISTRY: dict[str, str] = {
+    "pcdm-prior": "posedata.train.pcdm_prior:PcdmPriorPlugin",
+}
+
+
+def plugin_class(name: str) -> type[Plugin]:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown plugin {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)

@@ -1,0 +1,64 @@
+"""The one protocol every training plugin follows (DESIGN.md §5).
+
+A plugin declares the features it reads, builds its model, turns a collated batch of pairs
+into a loss, and nothing else: the shared trainer (`posedata.train.trainer`) owns devices,
+mixed precision, accumulation, checkpoints, resume, logging and progress.
+
+What a plugin receives from the reader (`posedata.reader`): pairs, each
+`{"source": sample, "target": sample}`, where a sample is a flat dict with `__key__`,
+`__shard__`, `split`, `group`, and one entry per stored output named `<feature>.<output>`,
+e.g. `clip.embeds` (np.float16 [D]) or `openpose.keypoints` (np.float32 [18, 3]). A
+feature that the plugin accepts under several names (`("openpose", "keypoints_annotated")`)
+is presented under the first name in the tuple, whichever one the dataset has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    learning_rate: float
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    batch_size: int = 8
+    max_grad_norm: float = 10.0
+    noise_offset: float = 0.0
+
+
+# One need: a feature name, or a tuple of interchangeable names (first is preferred).
+FeatureNeed = str | tuple[str, ...]
+
+
+class Plugin:
+    name: ClassVar[str]
+    needs: ClassVar[tuple[FeatureNeed, ...]]
+    needs_pixels: ClassVar[bool] = False
+    defaults: ClassVar[TrainDefaults]
+
+    def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None):
+        """`card` is the dataset card (dataset.json) so the plugin can size itself from the
+        stored shapes (e.g. the CLIP embedding width); `weights` is tiny|random|pretrained;
+        `model` overrides the pretrained hub id or local directory."""
+        self.card = card
+        self.weights = weights
+        self.model_id = model
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def null_embeddings(self) -> dict[str, Any]:
+        """Names of the stored null embeddings the plugin wants handed to `collate`
+        (filled by the trainer from the feature folders)."""
+        return {}
+
+    def collate(self, pairs: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """CPU-side: stack a list of pairs into tensors (runs in DataLoader workers)."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
