@@ -1,0 +1,512 @@
+"""`posedata build`: source -> records -> Ray Data (decode/resize tasks -> one actor pool per
+extractor -> shard writers) -> manifest, pairs, rejects and the dataset card.
+
+The steps (decode, extract, write a shard) are plain functions over lists of row dicts; two
+executors run them: Ray Data (the default; an embedded local Ray, or `--address` for a
+cluster) and a sequential in-process one (`--executor local`, for debugging). Neither knows
+which models are inside (datatrove's steps vs executors).
+
+A build is a set of shard tasks (DESIGN.md §6): a shard whose done marker exists is
+skipped, so rerunning the same command after a crash finishes the job.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import pyarrow as pa
+
+import posedata
+from posedata.extractors import create_extractor, dependency_order, extractor_class, DEFAULT_FEATURES
+from posedata.extractors.base import Extractor, ExtractorError, Sample
+from posedata.images import ImageRejected, decode_image, decode_jpeg_rgb, encode_jpeg, resize
+from posedata.layout import CARD, MANIFEST, REJECTS, DatasetLocation
+from posedata.plan import ShardTask, plan_shards
+from posedata.records import STAGE_DECODE, STAGE_EXTRACT, Record, SourceScan
+from posedata.shards import MANIFEST_SCHEMA, REJECTS_SCHEMA, encode_output, write_shard
+
+log = logging.getLogger("posedata.build")
+
+CARD_FORMAT_VERSION = 1
+
+
+@dataclass
+class BuildConfig:
+    source: str
+    root: str
+    out: str
+    resolution: tuple[int, int] | None = None  # (H, W); None = the source's default
+    features: list[str] | None = None  # None = DEFAULT_FEATURES
+    weights: str = "pretrained"
+    models: dict[str, str] = field(default_factory=dict)  # feature -> hub id / local dir
+    dtype: str = "fp16"
+    shard_size: int = 1000
+    source_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    executor: str = "ray"  # "ray" | "local"
+    address: str | None = None  # Ray cluster address; None = embedded local Ray
+    workers: int | None = None  # actors per extractor on CPU (GPUs: one per GPU share)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    overwrite: bool = False
+    seed: int = 0
+
+
+# ---- the steps ------------------------------------------------------------------------------
+
+
+def read_source_bytes(path: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+def decode_rows(rows: list[dict[str, Any]], height: int, width: int) -> list[dict[str, Any]]:
+    """Read, decode and resize each input; a bad file becomes a rejected row, never a crash."""
+    out = []
+    for row in rows:
+        row = dict(row, status="ok", stage="", reason="", jpg=b"", meta=b"", sha256="", original_width=0, original_height=0)
+        try:
+            data = read_source_bytes(row["path"])
+        except (OSError, PermissionError) as e:
+            out.append(dict(row, status="rejected", stage=STAGE_DECODE, reason=f"cannot read file: {e.__class__.__name__}: {e}"))
+            continue
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        try:
+            image = decode_image(data, row["path"])
+        except ImageRejected as e:
+            out.append(dict(row, status="rejected", stage=STAGE_DECODE, reason=str(e)))
+            continue
+        row["original_width"], row["original_height"] = image.size
+        row["jpg"] = encode_jpeg(resize(image, height, width))
+        row["meta"] = json.dumps(
+            {
+                "key": row["key"],
+                "split": row["split"],
+                "group": row["group"],
+                "source_path": row["path"],
+                "original_size": [row["original_height"], row["original_width"]],
+            },
+            sort_keys=True,
+        ).encode()
+        out.append(row)
+    return out
+
+
+class ExtractorStage:
+    """One extractor inside the pipeline: builds Samples from rows, runs the model in batches,
+    encodes the outputs into row columns `f:<folder>:<suffix>`. Used as a Ray actor class."""
+
+    def __init__(self, name: str, kwargs: dict[str, Any], location_url: str, storage_options: dict[str, Any], dependencies: dict[str, str], threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.extractor: Extractor = create_extractor(name, **kwargs)
+        self.folder = self.extractor.folder
+        self.suffixes = list(self.extractor.outputs())
+        self.dependencies = dependencies  # required feature name -> folder
+        self.dependency_suffixes = {dep: list(create_extractor(dep, **_dep_kwargs(kwargs)).outputs()) for dep in dependencies}
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.extractor.setup(device)
+        self._write_null_embedding(DatasetLocation(location_url, storage_options))
+
+    def _write_null_embedding(self, location: DatasetLocation) -> None:
+        null = self.extractor.null_embedding()
+        if not null:
+            return
+        from posedata.shards import encode_array
+
+        for suffix, array in null.items():
+            path = location.null_embedding(self.folder, suffix.removesuffix(".npy"))
+            if not location.exists(path):
+                location.write_bytes(path, encode_array(array))
+
+    def _sample(self, row: dict[str, Any]) -> Sample:
+        from posedata.shards import decode_output
+
+        sample = Sample(
+            key=row["key"],
+            image=decode_jpeg_rgb(row["jpg"]),
+            annotations=json.loads(row["annotations"]) if row.get("annotations") else {},
+            original_size=(int(row["original_height"]), int(row["original_width"])),
+        )
+        for dep, folder in self.dependencies.items():
+            sample[dep] = {s: decode_output(s, row[f"f:{folder}:{s}"]) for s in self.dependency_suffixes[dep]}
+        return sample
+
+    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for row in rows:
+            for suffix in self.suffixes:
+                row[f"f:{self.folder}:{suffix}"] = b""
+        live = [row for row in rows if row["status"] == "ok"]
+        if not live:
+            return rows
+        try:
+            results = self.extractor([self._sample(r) for r in live])
+            outcomes = list(zip(live, results, [None] * len(live)))
+        except Exception:
+            # One bad image must not take the batch down: redo one by one to find it.
+            outcomes = []
+            for row in live:
+                try:
+                    outcomes.append((row, self.extractor([self._sample(row)])[0], None))
+                except Exception as e:  # noqa: BLE001 - any failure becomes a reject reason
+                    outcomes.append((row, None, e))
+        for row, result, error in outcomes:
+            if error is None:
+                try:
+                    for suffix in self.suffixes:
+                        row[f"f:{self.folder}:{suffix}"] = encode_output(suffix, result[suffix])
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            row.update(status="rejected", stage=STAGE_EXTRACT, reason=_extract_reason(self.extractor.name, error))
+        return rows
+
+
+def _extract_reason(name: str, error: Exception) -> str:
+    detail = str(error) if isinstance(error, ExtractorError) else f"{error.__class__.__name__}: {error}"
+    return f"{name} failed: {detail}"
+
+
+def _dep_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if k in ("weights", "resolution", "dtype", "seed")}
+
+
+def write_rows(location: DatasetLocation, rows: list[dict[str, Any]], feature_outputs: dict[str, list[str]]) -> dict[str, Any]:
+    rows = sorted(rows, key=lambda r: int(r["index"]))
+    shard = rows[0]["shard"]
+    counts = write_shard(location, shard, rows, feature_outputs)
+    return {"shard": shard, **counts}
+
+
+# ---- the build ------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildPlan:
+    config: BuildConfig
+    scan: SourceScan
+    resolution: tuple[int, int]
+    tasks: list[ShardTask]
+    features: list[str]
+    extractor_kwargs: dict[str, dict[str, Any]]
+    extractors: dict[str, Extractor]  # not set up: for fingerprints and the card only
+
+    @property
+    def feature_outputs(self) -> dict[str, list[str]]:
+        return {e.folder: list(e.outputs()) for e in self.extractors.values()}
+
+    def settings(self) -> dict[str, Any]:
+        """What must match for a rerun to resume rather than start over."""
+        return {
+            "source": self.config.source,
+            "root": os.path.abspath(self.config.root),
+            "source_options": self.config.source_options,
+            "resolution": list(self.resolution),
+            "shard_size": self.config.shard_size,
+            "features": {name: e.folder for name, e in self.extractors.items()},
+        }
+
+
+def make_plan(config: BuildConfig) -> BuildPlan:
+    from posedata.sources import source_class
+
+    source_cls = source_class(config.source)
+    scan = source_cls(config.root, **config.source_options).scan()
+    resolution = tuple(config.resolution or source_cls.default_resolution)
+    names = list(config.features or DEFAULT_FEATURES)
+    if scan.has_keypoint_annotations and "keypoints_annotated" not in names:
+        names.append("keypoints_annotated")
+    names = dependency_order(names)
+    kwargs_by_name = {}
+    extractors = {}
+    for name in names:
+        kwargs: dict[str, Any] = dict(weights=config.weights, resolution=resolution, dtype=config.dtype, seed=config.seed)
+        if name in config.models:
+            kwargs["model"] = config.models[name]
+        if name == "keypoints_annotated":
+            kwargs["annotation_source"] = json.dumps(scan.info.get("annotation_files", {}), sort_keys=True)
+        if not extractor_class(name).uses_model:
+            kwargs.pop("weights")
+        kwargs_by_name[name] = kwargs
+        extractors[name] = create_extractor(name, **kwargs)
+    return BuildPlan(config, scan, resolution, plan_shards(scan.records, config.shard_size), names, kwargs_by_name, extractors)
+
+
+def task_rows(plan: BuildPlan, task: ShardTask) -> list[dict[str, Any]]:
+    return [
+        {
+            "key": r.key,
+            "split": r.split,
+            "group": r.group,
+            "path": r.path,
+            "annotations": json.dumps(r.annotations, sort_keys=True) if r.annotations else "",
+            "shard": task.name,
+            "index": i,
+        }
+        for i, r in enumerate(task.records)
+    ]
+
+
+def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    started = time.time()
+    location = DatasetLocation(config.out, config.storage_options)
+    plan = make_plan(config)
+    n_inputs = len(plan.scan.records) + len(plan.scan.rejects)
+    echo(
+        f"posedata build {config.source}: {len(plan.scan.records)} images found, {len(plan.scan.rejects)} rejected while scanning; "
+        f"{len(plan.tasks)} shards at {plan.resolution[0]}x{plan.resolution[1]}; features: {', '.join(plan.features)} (weights: {config.weights})"
+    )
+    if not plan.scan.records:
+        raise SystemExit(f"{config.root}: no usable images found ({len(plan.scan.rejects)} rejected while scanning; see the reasons with `posedata inspect`)")
+
+    _prepare_output(location, plan, echo)
+    todo = [t for t in plan.tasks if not location.exists(location.done_marker(t.name))]
+    if len(todo) < len(plan.tasks):
+        echo(f"resuming: {len(plan.tasks) - len(todo)} of {len(plan.tasks)} shards already done")
+    if todo:
+        runner = run_with_ray if config.executor == "ray" else run_locally
+        runner(plan, location, todo, echo)
+    summary = finalize(plan, location, started)
+    if summary["inputs"] != n_inputs:
+        raise RuntimeError(f"reconciliation failed: {n_inputs} inputs but {summary['written']} written + {summary['rejected']} rejected")
+    echo(format_summary(summary))
+    return summary
+
+
+def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
+    settings_path = location.path("_done", "build.json")
+    if plan.config.overwrite and location.exists(location.root):
+        echo(f"--overwrite: removing {location.url}")
+        location.remove_tree()
+    if location.exists(settings_path):
+        previous = location.read_json(settings_path)
+        if previous != json.loads(json.dumps(plan.settings())):
+            changed = sorted(k for k in set(previous) | set(plan.settings()) if previous.get(k) != json.loads(json.dumps(plan.settings())).get(k))
+            raise SystemExit(
+                f"{location.url} already holds a build with different settings ({', '.join(changed)} differ); "
+                "use --overwrite to start over, or another --out (use `posedata extend` to add features)"
+            )
+    elif location.exists(location.path(CARD)):
+        raise SystemExit(f"{location.url} already holds a dataset; use --overwrite to start over or another --out")
+    else:
+        location.write_json(settings_path, plan.settings())
+    # The scan rejects are part of the result; written once, up front.
+    location.write_parquet(
+        location.path("_done", "scan.parquet"),
+        pa.Table.from_pylist(
+            [{"source_path": r.path, "key": r.key, "split": r.split, "stage": r.stage, "reason": r.reason} for r in plan.scan.rejects],
+            schema=REJECTS_SCHEMA,
+        ),
+    )
+
+
+def run_locally(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask], echo) -> None:
+    """Sequential executor: the same steps, in this process (debugging, tiny datasets)."""
+    height, width = plan.resolution
+    stages = [
+        ExtractorStage(name, plan.extractor_kwargs[name], location.url, location.storage_options, _dependencies(plan, name))
+        for name in plan.features
+    ]
+    from tqdm import tqdm
+
+    for task in tqdm(todo, desc="shards", unit="shard", file=sys.stderr):
+        rows = decode_rows(task_rows(plan, task), height, width)
+        for stage in stages:
+            for start in range(0, len(rows), stage.extractor.batch_size):
+                stage(rows[start : start + stage.extractor.batch_size])
+        write_rows(location, rows, plan.feature_outputs)
+
+
+def _dependencies(plan: BuildPlan, name: str) -> dict[str, str]:
+    return {dep: plan.extractors[dep].folder for dep in plan.extractors[name].requires}
+
+
+def run_with_ray(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask], echo) -> None:
+    import pandas as pd
+    import ray
+
+    _init_ray(plan.config.address)
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    height, width = plan.resolution
+    rows = [row for task in todo for row in task_rows(plan, task)]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(todo) * 4, len(rows))))
+
+    def as_records(fn):
+        def apply(df: pd.DataFrame) -> pd.DataFrame:
+            return pd.DataFrame(fn(df.to_dict("records")))
+
+        return apply
+
+    ds = ds.map_batches(as_records(lambda rs: decode_rows(rs, height, width)), batch_format="pandas", batch_size=16)
+
+    model_stages = [n for n in plan.features if extractor_class(n).uses_model]
+    for name in plan.features:
+        cls = extractor_class(name)
+        options: dict[str, Any] = {}
+        if gpus and cls.uses_model:
+            options["num_gpus"] = cls.gpu_share
+            options["concurrency"] = max(1, int(gpus / cls.gpu_share))
+            threads = None
+        else:
+            # On CPU the actors must leave at least one core free for the decode and write
+            # tasks, or Ray waits forever for a CPU (the 2-core deadlock).
+            share = max(0.1, min(1.0, (cpus - 1) / max(1, len(model_stages)))) if cls.uses_model else 0.1
+            options["num_cpus"] = share
+            options["concurrency"] = plan.config.workers or 1
+            threads = max(1, cpus // max(1, len(model_stages) * options["concurrency"])) if cls.uses_model else 1
+        batch_size = plan.config.batch_sizes.get(name, cls.batch_size)
+        ds = ds.map_batches(
+            _ActorAdapter,
+            fn_constructor_kwargs=dict(
+                name=name,
+                kwargs=plan.extractor_kwargs[name],
+                location_url=location.url,
+                storage_options=location.storage_options,
+                dependencies=_dependencies(plan, name),
+                threads=threads,
+            ),
+            batch_format="pandas",
+            batch_size=batch_size,
+            **options,
+        )
+
+    feature_outputs = plan.feature_outputs
+    url, storage_options = location.url, location.storage_options
+
+    def write_group(df: pd.DataFrame) -> pd.DataFrame:
+        result = write_rows(DatasetLocation(url, storage_options), df.to_dict("records"), feature_outputs)
+        return pd.DataFrame([result])
+
+    results = ds.groupby("shard").map_groups(write_group, batch_format="pandas").take_all()
+    echo(f"wrote {len(results)} shards")
+
+
+class _ActorAdapter:
+    """Ray actor wrapper: pandas batches in and out around an ExtractorStage."""
+
+    def __init__(self, **kwargs):
+        self.stage = ExtractorStage(**kwargs)
+
+    def __call__(self, df):
+        import pandas as pd
+
+        return pd.DataFrame(self.stage(df.to_dict("records")))
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_operator_progress_bars = True
+
+
+# ---- finishing ------------------------------------------------------------------------------
+
+
+def finalize(plan: BuildPlan, location: DatasetLocation, started: float) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    markers = pa.concat_tables([location.read_parquet(location.done_marker(t.name)) for t in plan.tasks])
+    manifest = markers.filter(pc.equal(markers["status"], "ok")).select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    failed = markers.filter(pc.equal(markers["status"], "rejected"))
+    failed = pa.table({"source_path": failed["source_path"], "key": failed["key"], "split": failed["split"], "stage": failed["stage"], "reason": failed["reason"]}, schema=REJECTS_SCHEMA)
+    rejects = pa.concat_tables([location.read_parquet(location.path("_done", "scan.parquet")).cast(REJECTS_SCHEMA), failed])
+    location.write_parquet(location.path(MANIFEST), manifest)
+    location.write_parquet(location.path(REJECTS), rejects)
+
+    pair_counts = write_pairs(plan, location, manifest)
+    splits: dict[str, Any] = {}
+    for split in sorted(set(manifest["split"].to_pylist())):
+        shards = sorted({t.name for t in plan.tasks if t.split == split})
+        splits[split] = {"samples": manifest["split"].to_pylist().count(split), "shards": shards, **pair_counts.get(split, {})}
+    reasons = collections.Counter(f"{s}: {_reason_kind(r)}" for s, r in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
+    elapsed = time.time() - started
+    card = {
+        "format_version": CARD_FORMAT_VERSION,
+        "posedata_version": posedata.__version__,
+        "name": os.path.basename(location.root.rstrip("/")) or plan.config.source,
+        "source": {"name": plan.config.source, "root": os.path.abspath(plan.config.root), "options": plan.config.source_options, "info": plan.scan.info},
+        "resolution": list(plan.resolution),
+        "image": {"format": "jpg", "quality": 95, "chroma_subsampling": "4:4:4", "resize": "PIL bicubic with antialiasing, straight to H x W"},
+        "splits": splits,
+        "features": {e.folder: e.card() for e in plan.extractors.values()},
+        "counts": {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects)},
+        "rejects_by_reason": dict(sorted(reasons.items())),
+        "build": {"shard_size": plan.config.shard_size, "weights": plan.config.weights, "dtype": plan.config.dtype, "executor": plan.config.executor, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+    location.write_json(location.path(CARD), card)  # last: its presence means "complete"
+    return {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects), "rejects_by_reason": card["rejects_by_reason"], "seconds": elapsed, "splits": {s: v["samples"] for s, v in splits.items()}, "out": location.url}
+
+
+def _reason_kind(reason: str) -> str:
+    """Group reject reasons for counting: drop the per-file detail after the first colon."""
+    return reason.split(":")[0].split("(")[0].strip()
+
+
+def write_pairs(plan: BuildPlan, location: DatasetLocation, manifest: pa.Table) -> dict[str, dict[str, Any]]:
+    """pairs/<split>.parquet: imported lists as given (minus pairs whose images were
+    rejected), otherwise every ordered pair within a group."""
+    shard_of = dict(zip(manifest["key"].to_pylist(), manifest["shard"].to_pylist()))
+    group_of = dict(zip(manifest["key"].to_pylist(), manifest["group"].to_pylist()))
+    out: dict[str, dict[str, Any]] = {}
+    for split in sorted(set(manifest["split"].to_pylist())):
+        keys = [k for k, s in zip(manifest["key"].to_pylist(), manifest["split"].to_pylist()) if s == split]
+        imported = plan.scan.pairs.get(split)
+        if imported is not None:
+            kept = [(a, b) for a, b in imported if a in shard_of and b in shard_of]
+            origin = f"imported from the source ({plan.scan.info.get('pair_files', {}).get(split, 'official list')})"
+        else:
+            by_group: dict[str, list[str]] = collections.defaultdict(list)
+            for k in keys:
+                by_group[group_of[k]].append(k)
+            kept = [(a, b) for members in by_group.values() for a in members for b in members if a != b]
+            origin = "generated: all ordered pairs within each group"
+        table = pa.table(
+            {
+                "source_key": [a for a, _ in kept],
+                "target_key": [b for _, b in kept],
+                "shard": [shard_of[a] if shard_of[a] == shard_of[b] else None for a, b in kept],
+            },
+            schema=pa.schema([("source_key", pa.string()), ("target_key", pa.string()), ("shard", pa.string())]),
+        )
+        location.write_parquet(location.path("pairs", f"{split}.parquet"), table)
+        out[split] = {
+            "pairs": len(kept),
+            "pairs_origin": origin,
+            "pairs_dropped": (len(imported) - len(kept)) if imported is not None else 0,
+            "pairs_across_shards": sum(1 for a, b in kept if shard_of[a] != shard_of[b]),
+        }
+    return out
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        "",
+        "build summary",
+        f"  inputs     {summary['inputs']:>8}",
+        f"  written    {summary['written']:>8}   " + "  ".join(f"{k}={v}" for k, v in summary["splits"].items()),
+        f"  rejected   {summary['rejected']:>8}",
+    ]
+    for reason, n in summary["rejects_by_reason"].items():
+        lines.append(f"    {n:>6}  {reason}")
+    rate = summary["written"] / summary["seconds"] if summary["seconds"] else 0.0
+    lines.append(f"  time       {summary['seconds']:>8.1f} s   ({rate:.1f} images/s)")
+    lines.append(f"  dataset    {summary['out']}")
+    return "\n".join(lines)

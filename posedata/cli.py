@@ -1,0 +1,178 @@
+"""The `posedata` command line: build, inspect, show, train."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import textwrap
+
+import click
+
+from posedata.extractors.base import WEIGHTS_MODES
+
+STORAGE_OPTIONS_HELP = "JSON dict passed to fsspec for --out/--shards URLs, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (the usual AWS_* env vars work too)."
+
+
+def parse_resolution(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected HxW as the papers write it, e.g. 512x352 (512 high, 352 wide)") from None
+    if h < 16 or w < 16 or h % 8 or w % 8:
+        raise click.BadParameter(f"{value!r}: height and width must be multiples of 8 and at least 16 (the VAE works at 1/8)")
+    return h, w
+
+
+def parse_assignments(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise click.BadParameter(f"{v!r}: expected {what}")
+        k, val = v.split("=", 1)
+        out[k.strip()] = val.strip()
+    return out
+
+
+def parse_storage_options(value: str | None) -> dict:
+    if not value:
+        return {}
+    try:
+        opts = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"--storage-options is not valid JSON: {e}") from None
+    if not isinstance(opts, dict):
+        raise click.BadParameter("--storage-options must be a JSON object")
+    return opts
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="More logging.")
+@click.version_option(package_name="posedata")
+def main(verbose: bool) -> None:
+    """posedata: compute pose, parsing, VAE, CLIP and DINOv2 features once, store them as
+    WebDataset shards with Parquet manifests, and train PGPIS models from them."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---- build ------------------------------------------------------------------------------------
+
+
+def build_options(fn):
+    options = [
+        click.option("--root", required=True, help="The dataset's folder on disk."),
+        click.option("--out", required=True, help="Where to write the dataset: a path or an fsspec URL (s3://, gs://, file://)."),
+        click.option("--res", "resolution", default=None, help="Stored resolution H x W, e.g. 512x352 (default: the source's own)."),
+        click.option("--features", default=None, help="Comma-separated features (default: openpose,clip; annotated keypoints are added when the source has them)."),
+        click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True, help="pretrained: real weights from hub ids / local dirs; random: full-size random init (benchmarks); tiny: tiny random models (tests, CPU)."),
+        click.option("--model", "models", multiple=True, help="FEATURE=HUB_ID_OR_DIR: override a feature's pretrained model, e.g. clip=/models/clip-vit-h."),
+        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Storage dtype of embeddings."),
+        click.option("--shard-size", type=int, default=1000, show_default=True, help="Target samples per shard (groups are never split)."),
+        click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True, help="ray: Ray Data job (embedded local Ray, or --address); local: one process, for debugging."),
+        click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto or ray://head:10001)."),
+        click.option("--workers", type=int, default=None, help="Actors per extractor when running on CPU (GPUs: one per GPU share)."),
+        click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor."),
+        click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP),
+        click.option("--overwrite", is_flag=True, help="Delete what is at --out and start over (default: resume)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.group()
+def build() -> None:
+    """Build a dataset from a source: `posedata build deepfashion --root ... --out ...`."""
+
+
+def _run_build(source: str, source_options: dict, **kw) -> None:
+    from posedata.build import BuildConfig, build as run_build
+    from posedata.sources import SourceError
+
+    config = BuildConfig(
+        source=source,
+        root=kw["root"],
+        out=kw["out"],
+        resolution=parse_resolution(kw["resolution"]),
+        features=[f.strip() for f in kw["features"].split(",") if f.strip()] if kw["features"] else None,
+        weights=kw["weights"],
+        models=parse_assignments(kw["models"], "FEATURE=HUB_ID_OR_DIR"),
+        dtype=kw["dtype"],
+        shard_size=kw["shard_size"],
+        source_options=source_options,
+        storage_options=parse_storage_options(kw["storage_options"]),
+        executor=kw["executor"],
+        address=kw["address"],
+        workers=kw["workers"],
+        batch_sizes={k: int(v) for k, v in parse_assignments(kw["batch_sizes"], "FEATURE=N").items()},
+        overwrite=kw["overwrite"],
+    )
+    try:
+        run_build(config, echo=click.echo)
+    except (SourceError, KeyError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+
+
+@build.command("deepfashion")
+@build_options
+def build_deepfashion(**kw) -> None:
+    """DeepFashion In-Shop: img/ or img_highres/ tree with train.lst/test.lst, flattened
+    train_highres/ test_highres/, or the PIDM layout; pair and keypoint CSVs are imported."""
+    _run_build("deepfashion", {}, **kw)
+
+
+@build.command("market1501")
+@build_options
+def build_market(**kw) -> None:
+    """Market-1501: bounding_box_train/ and bounding_box_test/ (junk ids -1 and 0000 rejected)."""
+    _run_build("market1501", {}, **kw)
+
+
+@build.command("folder")
+@build_options
+@click.option("--group-regex", default=None, help="Regex on the path relative to --root; the named group 'group' (or group 1) is the person/outfit group. Default: the parent folder.")
+@click.option("--test-fraction", type=float, default=0.0, show_default=True, help="Hold out this fraction of groups as split 'test'.")
+@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the group hold-out.")
+def build_folder(group_regex, test_fraction, split_seed, **kw) -> None:
+    """Any folder of photos: group = parent folder (or --group-regex)."""
+    if not 0.0 <= test_fraction < 1.0:
+        raise click.BadParameter("--test-fraction must be in [0, 1)")
+    _run_build("folder", {"group_regex": group_regex, "test_fraction": test_fraction, "seed": split_seed}, **kw)
+
+
+# ---- looking at it ----------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("url")
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
+def inspect(url: str, storage_options: str | None) -> None:
+    """Print the card, counts per split, features with fingerprints, rejects by reason."""
+    from posedata.inspect import describe
+
+    try:
+        click.echo(describe(url, parse_storage_options(storage_options)))
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
+@click.argument("url")
+@click.option("--out", required=True, help="PNG file to write.")
+@click.option("-n", "--count", default=8, show_default=True, help="Samples to show.")
+@click.option("--split", default=None, help="Split to show (default: the first).")
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
+def show(url: str, out: str, count: int, split: str | None, storage_options: str | None) -> None:
+    """Draw a contact sheet: image, pose overlays (and parsing), plus the rejects."""
+    from posedata.show import contact_sheet
+
+    try:
+        click.echo(contact_sheet(url, out, count=count, split=split, storage_options=parse_storage_options(storage_options)))
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from None
+
+
+if __name__ == "__main__":
+    main()

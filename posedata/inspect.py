@@ -1,0 +1,65 @@
+"""`posedata inspect`: the card, counts per split, features with fingerprints and sizes,
+rejects by reason — as text a person reads top to bottom."""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+from posedata.layout import REJECTS
+from posedata.reader import Dataset
+
+
+def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
+    ds = Dataset(url, storage_options)
+    card, loc = ds.card, ds.location
+    h, w = card["resolution"]
+    lines = [
+        f"dataset   {loc.url}",
+        f"name      {card['name']}   (posedata {card['posedata_version']}, format {card['format_version']})",
+        f"source    {card['source']['name']} at {card['source']['root']}  layout: {card['source']['info'].get('layout', '?')}",
+        f"images    {h}x{w} (H x W) {card['image']['format']} q{card['image']['quality']}",
+        f"counts    inputs {card['counts']['inputs']}  written {card['counts']['written']}  rejected {card['counts']['rejected']}",
+        "",
+        "splits",
+    ]
+    for split, info in card["splits"].items():
+        lines.append(
+            f"  {split:<8} {info['samples']:>7} samples  {len(info['shards']):>4} shards  {info.get('pairs', 0):>8} pairs"
+            f"  ({info.get('pairs_origin', '')})"
+        )
+        if info.get("pairs_dropped"):
+            lines.append(f"           {info['pairs_dropped']} listed pairs dropped (an image was rejected or missing)")
+    lines += ["", "features"]
+    sizes = _feature_sizes(loc, card)
+    for folder, feat in card["features"].items():
+        outputs = ", ".join(f"{s} {o['dtype']} {o['shape']}" for s, o in feat["outputs"].items())
+        size = sizes.get(folder)
+        per_sample = f"{size / max(1, card['counts']['written']) / 1024:.1f} KiB/sample" if size is not None else "?"
+        lines.append(f"  {folder:<32} {feat['model']}  [{feat.get('weights', '')}]  {per_sample}")
+        lines.append(f"  {'':<32} {outputs}")
+    base = sizes.get("__base__")
+    if base is not None:
+        lines.append(f"  {'(base shards: images + meta)':<32} {base / max(1, card['counts']['written']) / 1024:.1f} KiB/sample")
+    lines += ["", "rejects"]
+    rejects = loc.read_parquet(loc.path(REJECTS))
+    if len(rejects) == 0:
+        lines.append("  none")
+    else:
+        by_reason = collections.Counter(zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
+        for (stage, reason), n in sorted(by_reason.items(), key=lambda kv: -kv[1])[:30]:
+            lines.append(f"  {n:>6}  [{stage}] {reason}")
+        if len(by_reason) > 30:
+            lines.append(f"  ... {len(by_reason) - 30} more distinct reasons (read rejects.parquet)")
+    return "\n".join(lines)
+
+
+def _feature_sizes(loc, card) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    try:
+        sizes["__base__"] = sum(loc.fs.size(p) for p in loc.glob("shards/*.tar"))
+        for folder in card["features"]:
+            sizes[folder] = sum(loc.fs.size(p) for p in loc.glob(f"features/{folder}/*.tar"))
+    except OSError:
+        pass
+    return sizes

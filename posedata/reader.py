@@ -1,0 +1,269 @@
+"""Reading a dataset column by column, and pairs out of it while streaming.
+
+Small composable stages (webdataset's style):
+
+    shard list --split across nodes/workers--> open columns (only the requested sidecars; the
+    base shard only for pixels) --check keys--> decode --> pairs inside each shard -->
+    buffer shuffle --> (the trainer batches)
+
+A plugin that needs CLIP embeddings and keypoints reads a few KB per sample, never the
+images or the DINOv2 tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow.compute as pc
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from posedata.layout import MANIFEST, DatasetLocation
+from posedata.shards import decode_array, decode_output
+
+BASE = "__base__"  # pseudo feature: the base shard (image + meta)
+
+
+class ShardError(RuntimeError):
+    """A shard or sidecar that cannot be read, or whose keys do not line up; names both."""
+
+
+@dataclass(frozen=True)
+class Column:
+    """One feature as a reader sees it: the alias it is presented under and its folder."""
+
+    alias: str
+    folder: str
+    suffixes: tuple[str, ...]
+
+
+class Dataset:
+    """A posedata dataset opened for reading (local path or any fsspec URL)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.location = DatasetLocation(url, storage_options or {})
+        self.card = self.location.card()
+        self._manifest = None
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(self.card["resolution"])
+
+    @property
+    def manifest(self):
+        if self._manifest is None:
+            self._manifest = self.location.read_parquet(self.location.path(MANIFEST))
+        return self._manifest
+
+    def shards(self, split: str) -> list[str]:
+        if split not in self.card["splits"]:
+            raise KeyError(f"{self.location.url}: no split {split!r}; splits: {', '.join(self.card['splits'])}")
+        return list(self.card["splits"][split]["shards"])
+
+    def column(self, need: str | tuple[str, ...]) -> Column:
+        """Resolve a feature need (a name, `name@fp`, or a tuple of interchangeable names,
+        first preferred) to the folder that holds it."""
+        names = (need,) if isinstance(need, str) else tuple(need)
+        features = self.card["features"]
+        for name in names:
+            if name in features:  # an exact `name@fp`
+                folders = [name]
+            else:
+                folders = sorted(f for f, c in features.items() if c["name"] == name)
+            if len(folders) > 1:
+                raise KeyError(f"{self.location.url}: several {name!r} features ({', '.join(folders)}); name one as name@fingerprint")
+            if folders:
+                folder = folders[0]
+                return Column(names[0].split("@")[0], folder, tuple(features[folder]["outputs"]))
+        raise KeyError(f"{self.location.url}: no feature {' or '.join(names)}; features here: {', '.join(features) or 'none'}")
+
+    def null_embedding(self, column: Column, suffix: str) -> np.ndarray:
+        return decode_array(self.location.read_bytes(self.location.null_embedding(column.folder, suffix.removesuffix(".npy"))))
+
+    def shard_keys(self, shard: str) -> list[str]:
+        rows = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
+        order = np.argsort(rows["index"].to_numpy())
+        keys = rows["key"].to_pylist()
+        return [keys[i] for i in order]
+
+    def pairs(self, split: str):
+        return self.location.read_parquet(self.location.path("pairs", f"{split}.parquet"))
+
+    # ---- samples --------------------------------------------------------------------------
+
+    def read_shard(self, shard: str, columns: Sequence[Column], pixels: bool = False) -> Iterator[dict[str, Any]]:
+        """Samples of one shard: the requested columns zipped by key, keys checked against each
+        other and against the manifest."""
+        sources = [(c, self.location.sidecar(c.folder, shard)) for c in columns]
+        if pixels:
+            sources.insert(0, (Column(BASE, "", ("jpg", "json")), self.location.base_shard(shard)))
+        expected = self.shard_keys(shard)
+        meta = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
+        info = {k: (s, g) for k, s, g in zip(meta["key"].to_pylist(), meta["split"].to_pylist(), meta["group"].to_pylist())}
+        streams = [_tar_samples(self.location, path) for _, path in sources]
+        position = 0
+        for position, parts in enumerate(_zip_longest(streams)):
+            keys = [p["__key__"] if p is not None else None for p in parts]
+            want = expected[position] if position < len(expected) else None
+            for (column, path), key in zip(sources, keys):
+                if key != want:
+                    raise ShardError(f"{self.location.url_of(path)}: sample {position} has key {key!r}, expected {want!r} (from the manifest): the sidecar does not line up with shard {shard}")
+            split, group = info[want]
+            sample: dict[str, Any] = {"__key__": want, "__shard__": shard, "split": split, "group": group}
+            for (column, path), part in zip(sources, parts):
+                for suffix in column.suffixes:
+                    if suffix not in part:
+                        raise ShardError(f"{self.location.url_of(path)}: sample {want!r} has no {suffix!r}")
+                    try:
+                        value = decode_output(suffix, part[suffix])
+                    except Exception as e:
+                        raise ShardError(f"{self.location.url_of(path)}: cannot decode {want}.{suffix}: {e}") from e
+                    if column.alias == BASE:
+                        sample["image" if suffix == "jpg" else "meta"] = value
+                    else:
+                        sample[f"{column.alias}.{suffix.rsplit('.', 1)[0]}"] = value
+            yield sample
+        if expected and position + 1 < len(expected):
+            raise ShardError(f"shard {shard}: {position + 1} samples read, the manifest lists {len(expected)}")
+
+    def samples(self, split: str, needs: Sequence[str | tuple[str, ...]] = (), pixels: bool = False, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        columns = [self.column(n) for n in needs]
+        count = 0
+        for shard in self.shards(split):
+            for sample in self.read_shard(shard, columns, pixels):
+                yield sample
+                count += 1
+                if limit is not None and count >= limit:
+                    return
+
+
+def _tar_samples(location: DatasetLocation, path: str) -> Iterator[dict[str, Any]]:
+    try:
+        stream = location.fs.open(path, "rb")
+    except FileNotFoundError:
+        raise ShardError(f"{location.url_of(path)}: missing (the dataset is incomplete or this feature was never extracted for this shard)") from None
+    with stream:
+        try:
+            yield from group_by_keys(tar_file_iterator(stream))
+        except ShardError:
+            raise
+        except Exception as e:
+            raise ShardError(f"{location.url_of(path)}: corrupt or truncated tar: {e}") from e
+
+
+def _zip_longest(streams: list[Iterator[dict[str, Any]]]) -> Iterator[list[dict[str, Any] | None]]:
+    sentinel = object()
+    while True:
+        parts = [next(s, sentinel) for s in streams]
+        if all(p is sentinel for p in parts):
+            return
+        yield [None if p is sentinel else p for p in parts]
+
+
+# ---- pairs ------------------------------------------------------------------------------------
+
+
+def split_for_consumer(items: list[Any], index: int, count: int) -> list[Any]:
+    return items[index::count]
+
+
+class PairStream:
+    """Pairs `{"source": sample, "target": sample}` formed inside each shard while streaming,
+    honouring the pair table; shards shuffled per epoch and pairs buffer-shuffled, with a
+    seed; split across nodes (`rank`/`world_size`) and torch DataLoader workers.
+
+    When there are fewer shards than consumers, every consumer reads every shard and keeps
+    every n-th pair instead, so no worker sits idle on a small dataset.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        split: str,
+        needs: Sequence[str | tuple[str, ...]],
+        pixels: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        epochs: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.dataset = dataset
+        self.split = split
+        self.columns = [dataset.column(n) for n in needs]
+        self.pixels = pixels
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.epochs = epochs
+        self.rank, self.world_size = rank, world_size
+        table = dataset.pairs(split)
+        self.pairs_by_shard: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+        self.skipped_across_shards = 0
+        for a, b, shard in zip(table["source_key"].to_pylist(), table["target_key"].to_pylist(), table["shard"].to_pylist()):
+            if shard is None:
+                self.skipped_across_shards += 1
+            else:
+                self.pairs_by_shard[shard].append((a, b))
+        self.shards = [s for s in dataset.shards(split) if self.pairs_by_shard.get(s)]
+        if not self.shards:
+            raise ValueError(f"{dataset.location.url}: split {split!r} has no pairs inside one shard")
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.pairs_by_shard.values())
+
+    def _consumer(self) -> tuple[int, int]:
+        import torch.utils.data
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        consumer, consumers = self._consumer()
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            rng = random.Random(f"{self.seed}:{epoch}:{consumer}")
+            shard_order = list(self.shards)
+            random.Random(f"{self.seed}:{epoch}").shuffle(shard_order)  # same order everywhere
+            if len(shard_order) >= consumers:
+                mine, pair_slice = split_for_consumer(shard_order, consumer, consumers), (0, 1)
+            else:
+                mine, pair_slice = shard_order, (consumer, consumers)
+            yield from _buffer_shuffle(self._pairs(mine, pair_slice, rng), self.shuffle_buffer, rng)
+            epoch += 1
+
+    def _pairs(self, shards: list[str], pair_slice: tuple[int, int], rng: random.Random) -> Iterator[dict[str, Any]]:
+        for shard in shards:
+            samples = {s["__key__"]: s for s in self.dataset.read_shard(shard, self.columns, self.pixels)}
+            pairs = split_for_consumer(self.pairs_by_shard[shard], *pair_slice)
+            pairs = list(pairs)
+            rng.shuffle(pairs)
+            for a, b in pairs:
+                yield {"source": samples[a], "target": samples[b]}
+
+
+def _buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(len(buffer))
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def torch_pairs(stream: PairStream):
+    """The stream as a torch IterableDataset (for DataLoader with workers)."""
+    import torch.utils.data
+
+    class _Pairs(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(stream)
+
+    return _Pairs()

@@ -1,0 +1,137 @@
+"""Writing one shard task's files: the base shard, one sidecar per feature, and the done
+marker (written last) that holds the shard's manifest and reject rows.
+
+Tars are written with webdataset's TarWriter with a fixed mtime and owner, so the same
+samples always give byte-identical files (reruns are idempotent).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import webdataset as wds
+
+from posedata.images import decode_png, encode_png
+from posedata.layout import DatasetLocation
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("group", pa.string()),
+        ("shard", pa.string()),
+        ("index", pa.int32()),
+        ("source_path", pa.string()),
+        ("source_sha256", pa.string()),
+        ("original_width", pa.int32()),
+        ("original_height", pa.int32()),
+        ("status", pa.string()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema(
+    [
+        ("source_path", pa.string()),
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+    ]
+)
+# The done marker is one table of both kinds of rows, told apart by `status`.
+MARKER_SCHEMA = pa.schema(
+    [f for f in MANIFEST_SCHEMA] + [pa.field("stage", pa.string()), pa.field("reason", pa.string())]
+)
+
+
+def encode_array(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_array(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_output(suffix: str, value: np.ndarray) -> bytes:
+    if suffix.endswith(".png"):
+        return encode_png(np.asarray(value, dtype=np.uint8))
+    if suffix.endswith(".npy"):
+        return encode_array(np.asarray(value))
+    if suffix.endswith(".json"):
+        return json.dumps(value, sort_keys=True).encode()
+    raise ValueError(f"no encoder for output suffix {suffix!r}")
+
+
+def decode_output(suffix: str, data: bytes) -> Any:
+    if suffix.endswith(".png"):
+        return decode_png(data)
+    if suffix.endswith(".npy"):
+        return decode_array(data)
+    if suffix.endswith(".json"):
+        return json.loads(data)
+    if suffix.endswith((".jpg", ".jpeg")):
+        from posedata.images import decode_jpeg_rgb
+
+        return decode_jpeg_rgb(data)
+    return data
+
+
+def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
+    """A tar of webdataset samples (`__key__` + suffix -> bytes), deterministic bytes."""
+    buf = io.BytesIO()
+    with wds.TarWriter(buf, user="posedata", group="posedata", mtime=0.0, encoder=False) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return buf.getvalue()
+
+
+def write_shard(
+    location: DatasetLocation,
+    shard: str,
+    rows: list[dict[str, Any]],
+    feature_outputs: dict[str, list[str]],
+) -> dict[str, int]:
+    """Write one shard task's files. `rows` are the shard's samples in planned order, each
+    with `status` "ok" or "rejected"; ok rows carry `jpg`, `meta` and one bytes entry per
+    feature output under `f:<folder>:<suffix>`. `feature_outputs` maps feature folder ->
+    output suffixes. The marker is written last: a shard without it is redone on rerun."""
+    accepted = [r for r in rows if r["status"] == "ok"]
+
+    location.write_bytes(
+        location.base_shard(shard),
+        tar_bytes([{"__key__": r["key"], "jpg": r["jpg"], "json": r["meta"]} for r in accepted]),
+    )
+    for folder, suffixes in feature_outputs.items():
+        samples = [{"__key__": r["key"], **{s: r[f"f:{folder}:{s}"] for s in suffixes}} for r in accepted]
+        location.write_bytes(location.sidecar(folder, shard), tar_bytes(samples))
+
+    marker_rows = []
+    for index, r in enumerate(accepted):
+        marker_rows.append(_manifest_row(r, shard, index, status="ok"))
+    for r in rows:
+        if r["status"] != "ok":
+            marker_rows.append(_manifest_row(r, shard, -1, status="rejected"))
+    location.write_parquet(location.done_marker(shard), pa.Table.from_pylist(marker_rows, schema=MARKER_SCHEMA))
+    return {"written": len(accepted), "rejected": len(rows) - len(accepted)}
+
+
+def _manifest_row(r: dict[str, Any], shard: str, index: int, status: str) -> dict[str, Any]:
+    return {
+        "key": r["key"],
+        "split": r["split"],
+        "group": r["group"],
+        "shard": shard,
+        "index": index,
+        "source_path": r["path"],
+        "source_sha256": r.get("sha256") or "",
+        "original_width": int(r.get("original_width") or 0),
+        "original_height": int(r.get("original_height") or 0),
+        "status": status,
+        "stage": r.get("stage") or "",
+        "reason": r.get("reason") or "",
+    }
