@@ -40,8 +40,10 @@ class OutputSpec:
 
 class Sample(dict):
     """What an extractor sees of one image: `key`, `image` (uint8 [H, W, 3] at the stored
-    resolution), `annotations` (from the source, already rescaled to the stored resolution)
-    and, for each feature it `requires`, that feature's arrays under the feature's name."""
+    resolution), `annotations` (from the source, in the frame they came in:
+    `annotations["keypoints_frame"]`, or the original image when that is None),
+    `original_size` ((H0, W0) of the source file) and, for each feature it `requires`, that
+    feature's outputs as `{suffix: array}` under the feature's name."""
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
