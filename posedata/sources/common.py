@@ -1,0 +1,244 @@
+"""Helpers shared by the source adapters.
+
+Listing image files, reading the list / pair / keypoint files that PGPIS datasets ship, and a
+small builder that keeps every input accounted for (a record or a reject, never nowhere).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from posedata.records import STAGE_SCAN, Record, Reject, SourceScan, safe_key
+from posedata.sources.base import SourceError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+# OpenPose / COCO-18 order (DESIGN.md §4); every keypoint list a source stores has this length.
+KEYPOINT_COUNT = 18
+
+
+def is_image_name(name: str) -> bool:
+    """By extension only (case-insensitive): a source never opens files, so a text file named
+    `.jpg` is still listed and the build's decode stage rejects it."""
+    return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def absolute_root(root: str | os.PathLike[str]) -> Path:
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+
+
+def require_directory(root: Path, expected: str) -> None:
+    """Raise the one-line SourceError a missing root gets."""
+    if not root.exists():
+        raise SourceError(f"{root}: no such directory; {expected}")
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a directory; {expected}")
+
+
+@dataclass
+class FileListing:
+    """Files under one directory, as sorted posix paths relative to it."""
+
+    images: list[str] = field(default_factory=list)
+    other_files: int = 0  # wrong extension: not inputs, only counted
+    hidden_skipped: int = 0  # files or folders whose name starts with '.'
+
+
+def list_files(directory: Path) -> FileListing:
+    """Walk `directory` (following symlinked folders once each), skipping hidden entries."""
+    listing = FileListing()
+    seen_real_dirs: set[str] = set()
+    for current, dirnames, filenames in os.walk(directory, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen_real_dirs:  # a symlink loop, or the same folder linked twice
+            dirnames[:] = []
+            continue
+        seen_real_dirs.add(real)
+        visible_dirs = sorted(d for d in dirnames if not d.startswith("."))
+        listing.hidden_skipped += len(dirnames) - len(visible_dirs)
+        dirnames[:] = visible_dirs
+        relative_dir = os.path.relpath(current, directory)
+        for name in sorted(filenames):
+            if name.startswith("."):
+                listing.hidden_skipped += 1
+                continue
+            relative = name if relative_dir == "." else f"{relative_dir}/{name}"
+            relative = relative.replace(os.sep, "/")
+            if is_image_name(name):
+                listing.images.append(relative)
+            else:
+                listing.other_files += 1
+    listing.images.sort()
+    return listing
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def key_from_name(name: str) -> str:
+    """The sample key of a file name or relative path: extension dropped, then safe_key."""
+    return safe_key(posixpath.splitext(name.replace("\\", "/"))[0])
+
+
+def find_first(root: Path, names: list[str]) -> Path | None:
+    """The first of several accepted spellings that exists as a file in `root`."""
+    for name in names:
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def read_name_list(path: Path) -> list[str]:
+    """One name per line; blank lines ignored."""
+    with open(path, encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def read_pair_csv(path: Path) -> list[tuple[str, str]]:
+    """PATN-style pair list: header `from,to`, one (source name, target name) per row."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "from" not in columns or "to" not in columns:
+            raise SourceError(f"{path}: expected a pair CSV with header 'from,to', found {columns}")
+        reader.fieldnames = columns
+        return [
+            (row["from"].strip(), row["to"].strip())
+            for row in reader
+            if row.get("from") and row.get("to")
+        ]
+
+
+def keypoints_from_xy(xs: list[float], ys: list[float]) -> list[list[float]]:
+    """[[x, y, score]] * 18; a joint with -1 in either coordinate is missing: [0, 0, 0]."""
+    if len(xs) != KEYPOINT_COUNT or len(ys) != KEYPOINT_COUNT:
+        raise ValueError(f"expected {KEYPOINT_COUNT} keypoints, got {len(xs)} x and {len(ys)} y")
+    points = []
+    for x, y in zip(xs, ys):
+        if x == -1 or y == -1:
+            points.append([0.0, 0.0, 0.0])
+        else:
+            points.append([float(x), float(y), 1.0])
+    return points
+
+
+@dataclass
+class KeypointTable:
+    """Keypoints read from a PATN annotation CSV, by file name."""
+
+    by_name: dict[str, list[list[float]]]
+    malformed_rows: int
+
+
+def read_keypoint_csv(path: Path) -> KeypointTable:
+    """PATN annotation CSV: `sep=':'`, header `name:keypoints_y:keypoints_x`, each a JSON list
+    of 18 ints with -1 for a missing joint. A malformed row is counted, not fatal: it only
+    costs that image its shipped keypoints."""
+    by_name: dict[str, list[list[float]]] = {}
+    malformed = 0
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle, delimiter=":")
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if not {"name", "keypoints_y", "keypoints_x"} <= set(columns):
+            raise SourceError(
+                f"{path}: expected a keypoint CSV with header 'name:keypoints_y:keypoints_x', "
+                f"found {columns}"
+            )
+        reader.fieldnames = columns
+        for row in reader:
+            try:
+                ys = json.loads(row["keypoints_y"])
+                xs = json.loads(row["keypoints_x"])
+                by_name[row["name"].strip()] = keypoints_from_xy(xs, ys)
+            except (TypeError, ValueError, AttributeError):
+                malformed += 1
+    return KeypointTable(by_name=by_name, malformed_rows=malformed)
+
+
+def file_provenance(path: Path, **extra: Any) -> dict[str, Any]:
+    """What `SourceScan.info["files"]` says about one list / pair / annotation file read."""
+    return {"sha256": sha256_file(path), **extra}
+
+
+def load_manifest(name: str) -> dict[str, Any]:
+    """A dataset recipe from the installed `posedata.manifests` package.
+
+    In a source checkout that was never `pip install`ed the top-level `manifests/` folder is
+    not importable under that name, so fall back to reading it beside the package.
+    """
+    filename = f"{name}.json"
+    try:
+        text = resources.files("posedata.manifests").joinpath(filename).read_text("utf-8")
+    except (ModuleNotFoundError, FileNotFoundError):
+        text = (Path(__file__).resolve().parents[2] / "manifests" / filename).read_text("utf-8")
+    return json.loads(text)
+
+
+class ScanBuilder:
+    """Collects candidate records and rejects, then resolves duplicate keys and sorts.
+
+    Duplicates: of several candidates with the same key, the first in sorted path order wins
+    and the others become rejects that name the winner, whatever order they were added in.
+    """
+
+    def __init__(self) -> None:
+        self._candidates: list[Record] = []
+        self.rejects: list[Reject] = []
+
+    def add(self, key: str, split: str, group: str, path: Path | str, annotations=None) -> None:
+        self._candidates.append(Record(key, split, group, str(path), dict(annotations or {})))
+
+    def reject(self, path: Path | str, reason: str, key: str = "", split: str = "") -> None:
+        self.rejects.append(Reject(str(path), STAGE_SCAN, reason, key, split))
+
+    def build(self, pairs: dict[str, list[tuple[str, str]]], info: dict[str, Any]) -> SourceScan:
+        records: list[Record] = []
+        winner_path: dict[str, str] = {}
+        for record in sorted(self._candidates, key=lambda r: r.path):
+            if record.key in winner_path:
+                self.reject(
+                    record.path,
+                    f"duplicate key {record.key} (same as {winner_path[record.key]})",
+                    record.key,
+                    record.split,
+                )
+                continue
+            winner_path[record.key] = record.path
+            records.append(record)
+        records.sort(key=lambda r: (r.split, r.group, r.key))
+        rejects = sorted(self.rejects, key=lambda r: (r.path, r.reason))
+
+        known = set(winner_path)
+        for split, split_pairs in pairs.items():
+            unknown = sum(1 for s, t in split_pairs if s not in known or t not in known)
+            info.setdefault("pairs", {})[split] = {
+                "count": len(split_pairs),
+                "with_unknown_keys": unknown,
+            }
+        info["counts"] = {
+            **info.get("counts", {}),
+            "records": len(records),
+            "rejects": len(rejects),
+            "records_by_split": dict(sorted(Counter(r.split for r in records).items())),
+            "groups_by_split": {
+                split: len({r.group for r in records if r.split == split})
+                for split in sorted({r.split for r in records})
+            },
+            "records_with_keypoints": sum(1 for r in records if "keypoints" in r.annotations),
+        }
+        info.setdefault("warnings", [])
+        return SourceScan(records=records, rejects=rejects, pairs=pairs, info=info)
