@@ -112,9 +112,9 @@ class ExtractorStage:
             torch.set_num_threads(threads)
         self.extractor: Extractor = create_extractor(name, **kwargs)
         self.folder = self.extractor.folder
-        self.suffixes = list(self.extractor.outputs())
+        self.suffixes = output_suffixes(self.extractor)
         self.dependencies = dependencies  # required feature name -> folder
-        self.dependency_suffixes = {dep: list(create_extractor(dep, **_dep_kwargs(kwargs)).outputs()) for dep in dependencies}
+        self.dependency_suffixes = {dep: output_suffixes(create_extractor(dep, **_dep_kwargs(kwargs))) for dep in dependencies}
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.extractor.setup(device)
         self._write_null_embedding(DatasetLocation(location_url, storage_options))
@@ -173,6 +173,12 @@ class ExtractorStage:
         return rows
 
 
+def output_suffixes(extractor: Extractor) -> list[str]:
+    """The files an extractor writes per sample (`keypoints.npy`, `skeleton.png`, ...); its
+    `__call__` returns one dict per image keyed by these suffixes."""
+    return [spec.suffix for spec in extractor.outputs().values()]
+
+
 def _extract_reason(name: str, error: Exception) -> str:
     detail = str(error) if isinstance(error, ExtractorError) else f"{error.__class__.__name__}: {error}"
     return f"{name} failed: {detail}"
@@ -204,7 +210,7 @@ class BuildPlan:
 
     @property
     def feature_outputs(self) -> dict[str, list[str]]:
-        return {e.folder: list(e.outputs()) for e in self.extractors.values()}
+        return {e.folder: output_suffixes(e) for e in self.extractors.values()}
 
     def settings(self) -> dict[str, Any]:
         """What must match for a rerun to resume rather than start over."""

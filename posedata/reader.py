@@ -147,7 +147,8 @@ def _tar_samples(location: DatasetLocation, path: str) -> Iterator[dict[str, Any
         raise ShardError(f"{location.url_of(path)}: missing (the dataset is incomplete or this feature was never extracted for this shard)") from None
     with stream:
         try:
-            yield from group_by_keys(tar_file_iterator(stream))
+            url = location.url_of(path)
+            yield from group_by_keys({**member, "__url__": url} for member in tar_file_iterator(stream))
         except ShardError:
             raise
         except Exception as e:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import webdataset as wds
 
-from posedata.images import decode_png, encode_png
+from posedata.images import decode_jpeg_rgb, decode_png, encode_png
 from posedata.layout import DatasetLocation
 
 MANIFEST_SCHEMA = pa.schema(
@@ -68,15 +68,15 @@ def encode_output(suffix: str, value: np.ndarray) -> bytes:
 
 
 def decode_output(suffix: str, data: bytes) -> Any:
-    if suffix.endswith(".png"):
+    """Decode one tar member by its extension (`embeds.npy`, `skeleton.png`, `jpg`, `json`)."""
+    ext = suffix.rsplit(".", 1)[-1]
+    if ext == "png":
         return decode_png(data)
-    if suffix.endswith(".npy"):
+    if ext == "npy":
         return decode_array(data)
-    if suffix.endswith(".json"):
+    if ext == "json":
         return json.loads(data)
-    if suffix.endswith((".jpg", ".jpeg")):
-        from posedata.images import decode_jpeg_rgb
-
+    if ext in ("jpg", "jpeg"):
         return decode_jpeg_rgb(data)
     return data
 

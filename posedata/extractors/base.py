@@ -129,6 +129,7 @@ class Extractor:
         self.device = device
 
     def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
+        """One dict per sample, keyed by output suffix (`"keypoints.npy"`, `"skeleton.png"`)."""
         raise NotImplementedError
 
     def null_embedding(self) -> dict[str, np.ndarray] | None:

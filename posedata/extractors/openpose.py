@@ -1,0 +1,406 @@
+"""OpenPose body keypoints and skeleton renders (controlnet-aux's OpenPose body model).
+
+Network: `controlnet_aux.open_pose.model.bodypose_model` (the CMU COCO body model as ported by
+pytorch-openpose / ControlNet), weights `body_pose_model.pth` from lllyasviel/Annotators.
+Decoding: controlnet-aux's own `Body.__call__` post-processing (peaks on the Gaussian-smoothed
+heatmaps, PAF scoring and greedy limb association), run unchanged.
+
+Batching. `Body.__call__` does preprocessing, one network forward and post-processing in one
+function for one image. We do the preprocessing the same way with controlnet-aux's own helpers,
+run ONE forward over the whole batch, and then call `Body.__call__` per image with a stand-in
+network (`_ReplayNet`) that hands back that image's slice of the batched output. So the
+decoding is controlnet-aux's code, not a copy of it, and the stand-in checks that Body asked
+for exactly the input we fed the real network.
+
+Outputs per image: `keypoints.npy` float32 [18, 3] (x, y, score) in stored-image pixels,
+COCO-18 OpenPose order (`posedata.render.COCO18_NAMES`), missing joint = (0, 0, 0); with
+several people detected, the one with the highest total score (OpenPose's subset score: sum of
+its joint and limb scores) is kept, ties going to the first found. No person is a valid output:
+all zeros and a black skeleton. `skeleton.png` = `posedata.render.draw_openpose` of those
+keypoints at the stored resolution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+from posedata.extractors.base import Extractor, ExtractorError, OutputSpec, Sample
+from posedata.render import (
+    COCO18_NAMES,
+    JOINT_RADIUS,
+    LIMB_DIM,
+    NUM_JOINTS,
+    OPENPOSE_PAF_LIMBS,
+    STICK_WIDTH,
+    draw_openpose,
+)
+
+BODY_WEIGHTS_FILE = "body_pose_model.pth"
+# Where controlnet-aux finds the body weights in the repos it knows (OpenposeDetector.from_pretrained).
+HUB_WEIGHTS_FILES = {"lllyasviel/ControlNet": "annotator/ckpts/body_pose_model.pth"}
+
+# The constants inside controlnet-aux's Body.__call__ (open_pose/body.py, 0.0.10). They are
+# locals there, so they are restated here for our batched preprocessing and the fingerprint;
+# _ReplayNet fails loudly if Body ever asks for a different input than we computed.
+BOXSIZE = 368
+SCALE_SEARCH = (0.5,)
+STRIDE = 8
+PAD_VALUE = 128
+PEAK_THRESHOLD = 0.1  # thre1: smoothed heatmap value a peak must exceed
+PAF_THRESHOLD = 0.05  # thre2: PAF score a sample along a limb must exceed
+PEAK_SMOOTHING_SIGMA = 3
+PAF_SAMPLES = 10  # mid_num
+NUM_PAF_CHANNELS = 38
+NUM_HEATMAP_CHANNELS = 19  # 18 joints + background
+
+# For limb k of OPENPOSE_PAF_LIMBS: the (x, y) PAF channels (Body's `mapIdx` minus 19).
+PAF_CHANNELS: tuple[tuple[int, int], ...] = (
+    (12, 13), (20, 21), (14, 15), (16, 17), (22, 23), (24, 25), (0, 1), (2, 3),
+    (4, 5), (6, 7), (8, 9), (10, 11), (28, 29), (30, 31), (34, 35), (32, 33),
+    (36, 37), (18, 19), (26, 27),
+)
+assert len(PAF_CHANNELS) == len(OPENPOSE_PAF_LIMBS)
+
+# A detected joint's score is the raw heatmap value at its peak. Peaks need the *smoothed*
+# map above 0.1, so the raw value is positive for any trained model; untrained weights could
+# give <= 0, which would read as "missing". Such joints are stored with this floor instead.
+MIN_PRESENT_SCORE = 1e-6
+
+TINY_ARCHITECTURE = "tiny-bodypose: 3x[conv3x3+relu+maxpool2] (3-8-16-16), 1x1 heads -> 38 PAF + 19 heatmap, stride 8"
+FULL_ARCHITECTURE = "controlnet_aux.open_pose.model.bodypose_model (VGG-19 trunk + 6 two-branch CPM stages)"
+
+
+# ---- network ---------------------------------------------------------------------------------
+
+
+def build_tiny_bodypose_net():
+    """A tiny network with bodypose_model's interface: [B, 3, H, W] -> (PAF [B, 38, H/8, W/8],
+    heatmaps [B, 19, H/8, W/8]). For tests and CPU smoke runs of the real post-processing."""
+    import torch.nn as nn
+
+    class TinyBodyPoseNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            widths = (3, 8, 16, 16)
+            for c_in, c_out in zip(widths[:-1], widths[1:]):
+                layers += [nn.Conv2d(c_in, c_out, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
+            self.trunk = nn.Sequential(*layers)
+            self.paf_head = nn.Conv2d(widths[-1], NUM_PAF_CHANNELS, 1)
+            self.heatmap_head = nn.Conv2d(widths[-1], NUM_HEATMAP_CHANNELS, 1)
+
+        def forward(self, x):
+            features = self.trunk(x)
+            return self.paf_head(features), self.heatmap_head(features)
+
+    return TinyBodyPoseNet()
+
+
+def original_key_names(state_dict: dict) -> dict:
+    """bodypose_model state dict -> the key names of lllyasviel's body_pose_model.pth (the
+    inverse of controlnet-aux `util.transfer`, which strips the `model0.` / `model1_1.` block
+    prefix): `model0.conv1_1.weight` -> `conv1_1.weight`. Layer names are unique across blocks."""
+    return {".".join(key.split(".")[1:]): value for key, value in state_dict.items()}
+
+
+def _file_digest(path: str) -> str:
+    """Name, size and first MiB of one weights file (cf. base.local_weights_digest for folders)."""
+    h = hashlib.sha256()
+    h.update(os.path.basename(path).encode())
+    h.update(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+# ---- preprocessing and decoding (controlnet-aux's Body) ---------------------------------------
+
+
+def preprocess_for_body(image_bgr: np.ndarray) -> np.ndarray:
+    """Body.__call__'s network input for one BGR uint8 image: resize so the height is
+    0.5 * 368, pad right/down to a multiple of 8 with 128, CHW, x / 256 - 0.5. float32 [3, Hp, Wp]."""
+    from controlnet_aux.open_pose import util
+
+    (scale_factor,) = SCALE_SEARCH  # controlnet-aux runs a single scale
+    scale = scale_factor * BOXSIZE / image_bgr.shape[0]
+    resized = util.smart_resize_k(image_bgr, fx=scale, fy=scale)
+    padded, _ = util.padRightDownCorner(resized, STRIDE, PAD_VALUE)
+    return np.ascontiguousarray(np.transpose(np.float32(padded), (2, 0, 1)) / 256 - 0.5)
+
+
+def network_input_shape(height: int, width: int) -> tuple[int, int]:
+    """(Hp, Wp) of the padded network input for a `height` x `width` image; outputs are at
+    (Hp / 8, Wp / 8)."""
+    probe = np.zeros((height, width, 3), dtype=np.uint8)
+    return tuple(preprocess_for_body(probe).shape[1:])  # type: ignore[return-value]
+
+
+class _ReplayNetFactory:
+    """Builds (lazily, to keep torch out of import time) the stand-in network for Body."""
+
+    _cls = None
+
+    @classmethod
+    def create(cls):
+        if cls._cls is None:
+            import torch
+            import torch.nn as nn
+
+            class _ReplayNet(nn.Module):
+                """Stands in for bodypose_model inside Body.__call__: returns the outputs that
+                were already computed for this image by the batched forward."""
+
+                def __init__(self) -> None:
+                    super().__init__()
+                    # Body reads the device from the first parameter.
+                    self.anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
+                    self.outputs = None
+                    self.expected_hw: tuple[int, int] | None = None
+
+                def forward(self, data):
+                    if self.outputs is None:
+                        raise RuntimeError("no network outputs loaded for this image")
+                    if tuple(data.shape[2:]) != self.expected_hw:
+                        raise RuntimeError(
+                            f"controlnet-aux Body asked for a {tuple(data.shape[2:])} input but the batched "
+                            f"forward used {self.expected_hw}: its preprocessing changed, update openpose.py"
+                        )
+                    outputs, self.outputs = self.outputs, None
+                    return outputs
+
+            cls._cls = _ReplayNet
+        return cls._cls()
+
+
+def _replay_body():
+    from controlnet_aux.open_pose.body import Body
+
+    body = Body.__new__(Body)  # Body.__init__ would load a checkpoint; we only want __call__
+    body.model = _ReplayNetFactory.create()
+    return body
+
+
+def decode_network_outputs(
+    paf: np.ndarray, heatmap: np.ndarray, height: int, width: int, body=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """controlnet-aux's Body post-processing on one image's network outputs.
+
+    `paf` [38, h, w] and `heatmap` [19, h, w] at stride 8 of the padded input for a
+    `height` x `width` image (h, w = network_input_shape(height, width) / 8).
+    Returns Body's (candidate [N, 4]: x, y, score, id in image pixels; subset [P, 20]:
+    candidate index per joint or -1, total score, joint count).
+    """
+    import torch
+
+    body = body or _replay_body()
+    padded_hw = network_input_shape(height, width)
+    grid = (padded_hw[0] // STRIDE, padded_hw[1] // STRIDE)
+    if paf.shape != (NUM_PAF_CHANNELS, *grid) or heatmap.shape != (NUM_HEATMAP_CHANNELS, *grid):
+        raise ValueError(f"expected PAF [38, {grid[0]}, {grid[1]}] and heatmap [19, ...], got {paf.shape}, {heatmap.shape}")
+    body.model.expected_hw = padded_hw
+    body.model.outputs = (
+        torch.from_numpy(np.ascontiguousarray(paf, dtype=np.float32))[None],
+        torch.from_numpy(np.ascontiguousarray(heatmap, dtype=np.float32))[None],
+    )
+    # Body only uses the image for its size (it re-runs the resize and pad to feed the model).
+    candidate, subset = body(np.zeros((height, width, 3), dtype=np.uint8))
+    return np.asarray(candidate, dtype=np.float64).reshape(-1, 4), np.asarray(subset, dtype=np.float64).reshape(-1, 20)
+
+
+def select_person(candidate: np.ndarray, subset: np.ndarray) -> np.ndarray:
+    """The person with the highest total score (subset column 18) as float32 [18, 3]
+    (x, y, score); joints that person lacks and 'nobody found' are (0, 0, 0)."""
+    keypoints = np.zeros((NUM_JOINTS, 3), dtype=np.float32)
+    if len(subset) == 0:
+        return keypoints
+    best = subset[int(np.argmax(subset[:, 18]))]
+    for joint in range(NUM_JOINTS):
+        index = int(best[joint])
+        if index >= 0:
+            x, y, score = candidate[index, :3]
+            keypoints[joint] = (x, y, max(float(score), MIN_PRESENT_SCORE))
+    return keypoints
+
+
+# ---- the extractor ----------------------------------------------------------------------------
+
+
+class OpenPoseExtractor(Extractor):
+    """OpenPose body keypoints (COCO-18) + ControlNet-style skeleton render.
+
+    weights: "pretrained" loads body_pose_model.pth from `model` (a hub id, downloaded with
+    huggingface_hub, which honours HF_HUB_OFFLINE; a local directory holding the file; or the
+    .pth path itself); "random" is the full bodypose_model with torch.manual_seed(seed) init;
+    "tiny" is `build_tiny_bodypose_net` (same outputs, seconds on CPU).
+
+    The network always runs in fp32 and keypoints are stored as float32, so `dtype` is fixed
+    to "fp32" (the post-processing thresholds were set on fp32 outputs).
+    """
+
+    name = "openpose"
+    version = "1"
+    default_model = "lllyasviel/Annotators"
+    batch_size = 16
+    gpu_share = 0.25  # 52M-parameter conv net: several actors share one GPU
+
+    def __init__(
+        self,
+        weights: str = "pretrained",
+        model: str | None = None,
+        resolution: tuple[int, int] = (512, 352),
+        dtype: str = "fp32",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(weights=weights, model=model, resolution=resolution, dtype=dtype, seed=seed)
+        self.dtype = "fp32"
+        self.net = None
+        self._body = None
+
+    # ---- description ------------------------------------------------------------------------
+
+    def outputs(self) -> dict[str, OutputSpec]:
+        return {
+            "keypoints.npy": OutputSpec(
+                "keypoints.npy",
+                "float32",
+                (NUM_JOINTS, 3),
+                "COCO-18 OpenPose order (x, y, score) in stored-image pixels; missing joint = (0, 0, 0); "
+                "the highest-scoring person when several are found, all zeros when none",
+            ),
+            "skeleton.png": OutputSpec(
+                "skeleton.png",
+                "uint8",
+                ("H", "W", 3),
+                "OpenPose body render as ControlNet / PCDMs draw it (posedata.render.draw_openpose)",
+            ),
+        }
+
+    def fingerprint_inputs(self) -> dict[str, Any]:
+        inputs = super().fingerprint_inputs()
+        inputs["dtype"] = "fp32"
+        if self.weights == "pretrained" and os.path.isfile(self.model_id):
+            inputs["weights_digest"] = _file_digest(self.model_id)
+        inputs["weights_file"] = None if self.weights != "pretrained" else self._weights_filename()
+        inputs["architecture"] = TINY_ARCHITECTURE if self.weights == "tiny" else FULL_ARCHITECTURE
+        inputs["preprocessing"] = {
+            "color_order": "BGR",
+            "boxsize": BOXSIZE,
+            "scale_search": list(SCALE_SEARCH),
+            "stride": STRIDE,
+            "pad_value": PAD_VALUE,
+            "normalize": "x / 256 - 0.5",
+        }
+        inputs["postprocessing"] = {
+            "decoder": "controlnet_aux.open_pose.body.Body",
+            "controlnet_aux": _package_version("controlnet-aux"),
+            "peak_threshold": PEAK_THRESHOLD,
+            "paf_threshold": PAF_THRESHOLD,
+            "peak_smoothing_sigma": PEAK_SMOOTHING_SIGMA,
+            "paf_samples": PAF_SAMPLES,
+            "person": "highest total score",
+            "keypoint_order": list(COCO18_NAMES),
+        }
+        inputs["render"] = {
+            "style": "controlnet draw_bodypose",
+            "stick_width": STICK_WIDTH,
+            "limb_dim": LIMB_DIM,
+            "joint_radius": JOINT_RADIUS,
+        }
+        return inputs
+
+    def _weights_filename(self) -> str:
+        return HUB_WEIGHTS_FILES.get(self.model_id, BODY_WEIGHTS_FILE)
+
+    def weights_path(self) -> str:
+        """Local path of body_pose_model.pth for weights="pretrained" (downloads a hub id)."""
+        if os.path.isfile(self.model_id):
+            return self.model_id
+        if os.path.isdir(self.model_id):
+            path = os.path.join(self.model_id, BODY_WEIGHTS_FILE)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{self.model_id} has no {BODY_WEIGHTS_FILE}")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=self.model_id, filename=self._weights_filename())
+
+    # ---- running ------------------------------------------------------------------------------
+
+    def build_net(self):
+        """The network for `weights`, on CPU, in eval mode, without gradients."""
+        import torch
+
+        if self.weights == "pretrained":
+            from controlnet_aux.open_pose.model import bodypose_model
+            from controlnet_aux.open_pose.util import transfer
+
+            net = bodypose_model()
+            state = torch.load(self.weights_path(), map_location="cpu", weights_only=True)
+            net.load_state_dict(transfer(net, state))
+        else:
+            # fork_rng: seed the init without moving the caller's global RNG
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                if self.weights == "random":
+                    from controlnet_aux.open_pose.model import bodypose_model
+
+                    net = bodypose_model()
+                else:
+                    net = build_tiny_bodypose_net()
+        return net.eval().requires_grad_(False)
+
+    def setup(self, device: str) -> None:
+        self.device = device
+        self.net = self.build_net().to(device)
+        self._body = _replay_body()
+
+    def null_embedding(self) -> dict[str, np.ndarray] | None:
+        return None  # keypoints are not an embedding; "no pose" is all-zero keypoints
+
+    def forward(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Batched network forward: float32 [B, 3, Hp, Wp] -> (PAF [B, 38, h, w], heatmap [B, 19, h, w])."""
+        import torch
+
+        if self.net is None:
+            raise RuntimeError("call setup(device) first")
+        with torch.inference_mode():
+            paf, heatmap = self.net(torch.from_numpy(inputs).to(self.device))
+        return paf.float().cpu().numpy(), heatmap.float().cpu().numpy()
+
+    def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
+        images = []
+        for sample in batch:
+            image = np.asarray(sample["image"])
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise ExtractorError(f"{sample.get('key')}: expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
+            images.append(image)
+
+        # One forward per image size (all images share the stored resolution in a build).
+        results: list[dict[str, np.ndarray] | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(image.shape[:2], []).append(i)
+        for (height, width), indices in by_size.items():
+            # controlnet-aux's Body works on BGR (OpenposeDetector flips RGB input first).
+            inputs = np.stack([preprocess_for_body(np.ascontiguousarray(images[i][:, :, ::-1])) for i in indices])
+            pafs, heatmaps = self.forward(inputs)
+            for row, i in enumerate(indices):
+                candidate, subset = decode_network_outputs(pafs[row], heatmaps[row], height, width, body=self._body)
+                keypoints = select_person(candidate, subset)
+                results[i] = {
+                    "keypoints.npy": keypoints,
+                    "skeleton.png": draw_openpose(keypoints, height, width),
+                }
+        return results  # type: ignore[return-value]
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
