@@ -174,5 +174,41 @@ def show(url: str, out: str, count: int, split: str | None, storage_options: str
         raise click.ClickException(str(e)) from None
 
 
+# ---- training ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("plugin")
+@click.option("--shards", required=True, help="Dataset made by `posedata build` (path or fsspec URL).")
+@click.option("--out", required=True, help="Run directory: config, loss.csv/png, checkpoints.")
+@click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True, help="tiny: tiny random model; random: paper size, random init; pretrained: paper size from the official initialisation.")
+@click.option("--model", default=None, help="Hub id or local directory for --weights pretrained (default: the plugin's).")
+@click.option("--split", default="train", show_default=True)
+@click.option("--max-steps", type=int, default=1000, show_default=True)
+@click.option("--batch-size", type=int, default=None, help="Per-device batch size (default: the plugin's).")
+@click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate (default: the plugin's).")
+@click.option("--warmup-steps", type=int, default=None, help="Warm-up steps (default: the plugin's).")
+@click.option("--grad-accum", "gradient_accumulation", type=int, default=1, show_default=True)
+@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", default=None, help="'latest' or a checkpoint directory: continue from there.")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
+def train(plugin, shards, out, storage_options, resume, **kw) -> None:
+    """Train a plugin from precomputed features, e.g. `posedata train pcdm-prior --shards URL --out DIR`."""
+    from posedata.train import REGISTRY
+    from posedata.train.run import run_training
+
+    if plugin not in REGISTRY:
+        raise click.BadParameter(f"unknown plugin {plugin!r}; known: {', '.join(sorted(REGISTRY))}", param_hint="PLUGIN")
+    try:
+        summary = run_training(plugin, shards, out, storage_options=parse_storage_options(storage_options), resume=resume or False, **kw)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
 if __name__ == "__main__":
     main()

@@ -40,6 +40,18 @@ class Column:
     suffixes: tuple[str, ...]
 
 
+def find_feature(card: dict[str, Any], name: str) -> tuple[str, dict[str, Any]] | None:
+    """(folder, feature card) of feature `name` (or exactly `name@fp`) in a dataset card;
+    None if absent; an error if several fingerprints of it coexist and `name` is bare."""
+    features = card["features"]
+    if name in features:
+        return name, features[name]
+    folders = sorted(f for f, c in features.items() if c["name"] == name)
+    if len(folders) > 1:
+        raise KeyError(f"several {name!r} features ({', '.join(folders)}); name one as name@fingerprint")
+    return (folders[0], features[folders[0]]) if folders else None
+
+
 class Dataset:
     """A posedata dataset opened for reading (local path or any fsspec URL)."""
 
@@ -67,18 +79,12 @@ class Dataset:
         """Resolve a feature need (a name, `name@fp`, or a tuple of interchangeable names,
         first preferred) to the folder that holds it."""
         names = (need,) if isinstance(need, str) else tuple(need)
-        features = self.card["features"]
         for name in names:
-            if name in features:  # an exact `name@fp`
-                folders = [name]
-            else:
-                folders = sorted(f for f, c in features.items() if c["name"] == name)
-            if len(folders) > 1:
-                raise KeyError(f"{self.location.url}: several {name!r} features ({', '.join(folders)}); name one as name@fingerprint")
-            if folders:
-                folder = folders[0]
-                return Column(names[0].split("@")[0], folder, tuple(features[folder]["outputs"]))
-        raise KeyError(f"{self.location.url}: no feature {' or '.join(names)}; features here: {', '.join(features) or 'none'}")
+            found = find_feature(self.card, name)
+            if found:
+                folder, feature = found
+                return Column(names[0].split("@")[0], folder, tuple(feature["outputs"]))
+        raise KeyError(f"{self.location.url}: no feature {' or '.join(names)}; features here: {', '.join(self.card['features']) or 'none'}")
 
     def null_embedding(self, column: Column, suffix: str) -> np.ndarray:
         return decode_array(self.location.read_bytes(self.location.null_embedding(column.folder, suffix.removesuffix(".npy"))))

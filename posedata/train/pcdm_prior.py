@@ -283,8 +283,11 @@ def normalise_pose(keypoints: np.ndarray, height: int, width: int) -> np.ndarray
 
 
 def embedding_width(card: dict[str, Any]) -> int:
+    from posedata.reader import find_feature
+
     try:
-        return int(card["features"]["clip"]["outputs"]["embeds.npy"]["shape"][0])
+        _, clip = find_feature(card, "clip")
+        return int(clip["outputs"]["embeds.npy"]["shape"][0])
     except (KeyError, IndexError, TypeError) as e:
         raise ValueError("pcdm-prior: the dataset card has no clip feature with outputs['embeds.npy']['shape']; run `posedata build` with the clip extractor") from e
 
