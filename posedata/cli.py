@@ -195,6 +195,7 @@ def show(url: str, out: str, count: int, split: str | None, storage_options: str
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--overwrite", is_flag=True, help="Delete the run directory first and start over.")
 @click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
 def train(plugin, shards, out, storage_options, resume, **kw) -> None:
     """Train a plugin from precomputed features, e.g. `posedata train pcdm-prior --shards URL --out DIR`."""
@@ -205,7 +206,7 @@ def train(plugin, shards, out, storage_options, resume, **kw) -> None:
         raise click.BadParameter(f"unknown plugin {plugin!r}; known: {', '.join(sorted(REGISTRY))}", param_hint="PLUGIN")
     try:
         summary = run_training(plugin, shards, out, storage_options=parse_storage_options(storage_options), resume=resume or False, **kw)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(json.dumps(summary, indent=2, default=str))
 

@@ -7,6 +7,8 @@ from them, collates with the plugin, and hands the trainer a `batches_factory`.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 from typing import Any, Iterator
 
 import numpy as np
@@ -57,8 +59,11 @@ def run_training(
     batch_size: int | None = None,
     num_workers: int = 0,
     storage_options: dict[str, Any] | None = None,
+    overwrite: bool = False,
     **train_options: Any,
 ) -> dict[str, Any]:
+    if overwrite and os.path.isdir(out):
+        shutil.rmtree(out)
     dataset = Dataset(shards, storage_options)
     plugin = plugin_class(plugin_name)(dataset.card, weights=weights, model=model)
     batch_size = batch_size or plugin.defaults.batch_size

@@ -97,7 +97,7 @@ def train(
 
     ckpt = find_checkpoint(out, resume)
     if ckpt is None and checkpoints(out):
-        logger.warning("%s already holds checkpoints; starting from step 0 overwrites them as it goes", out)
+        raise FileExistsError(f"{out} already holds a run (checkpoints); continue it with --resume latest, or start over with --overwrite")
     step = batches_seen = 0
     if ckpt is not None:
         model.load_state_dict(load_model_weights(ckpt / "model"))
