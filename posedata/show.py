@@ -8,6 +8,7 @@ a thumbnail of the file where it can still be decoded, and the reason.
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -39,11 +40,16 @@ def contact_sheet(url: str, out: str, count: int = 8, split: str | None = None, 
     for sample in ds.samples(split, [c.alias for c in columns], pixels=True, limit=count):
         image = sample["image"]
         cells = [image]
+        notes = []
         for column in pose_columns:
             cells.append(_pose_overlay(image, sample, column.alias))
+            keypoints = sample.get(f"{column.alias}.keypoints")
+            if keypoints is not None:
+                notes.append(f"{column.alias} {int((keypoints[:, 2] > 0).sum())}/{len(keypoints)} joints")
         for column in overlay_columns:
             cells.append(_label_overlay(image, sample.get(f"{column.alias}.labels")))
-        rows.append(([_fit(c, cell_w) for c in cells], f"{sample['__key__']}  ({sample['group']})"))
+        caption = f"{sample['__key__']}  ({sample['group']})   " + "   ".join(notes)
+        rows.append(([_fit(c, cell_w) for c in cells], caption))
 
     rejects = ds.location.read_parquet(ds.location.path(REJECTS)).to_pylist()[:max_rejects]
     sheet = _compose(rows, headers, rejects, cell_w, f"{ds.location.url}  split={split}  {height}x{width}")
@@ -126,11 +132,12 @@ def _compose(rows, headers, rejects, cell_w, title) -> Image.Image:
             sheet.paste(thumb, (x, yy))
         name = reject["source_path"].rsplit("/", 1)[-1]
         draw.text((x, yy + CELL_HEIGHT + 4), _clip(name, cell_w), fill=TEXT, font=font)
-        draw.text((x, yy + CELL_HEIGHT + 4 + 14), _clip(f"[{reject['stage']}] {reject['reason']}", cell_w), fill=(255, 140, 120), font=font)
-        draw.text((x, yy + CELL_HEIGHT + 4 + 28), _clip(reject["reason"][cell_w // 6 - 8 :], cell_w), fill=(255, 140, 120), font=font)
+        reason = textwrap.wrap(f"[{reject['stage']}] {reject['reason']}", max(8, cell_w // 6))
+        for line_no, line in enumerate(reason[:3]):
+            draw.text((x, yy + CELL_HEIGHT + 18 + 14 * line_no), _clip(line, cell_w), fill=(255, 140, 120), font=font)
     return sheet
 
 
 def _clip(text: str, width_px: int) -> str:
     limit = max(8, width_px // 6)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "..."
