@@ -1,10 +1,9 @@
 """`posedata build`: source -> records -> Ray Data (decode/resize tasks -> one actor pool per
 extractor -> shard writers) -> manifest, pairs, rejects and the dataset card.
 
-The steps (decode, extract, write a shard) are plain functions over lists of row dicts; two
-executors run them: Ray Data (the default; an embedded local Ray, or `--address` for a
-cluster) and a sequential in-process one (`--executor local`, for debugging). Neither knows
-which models are inside (datatrove's steps vs executors).
+The steps (decode, extract, write a shard) are plain functions over lists of row dicts,
+handed as a `pipeline.Job` to one of two executors: Ray Data (the default; an embedded local
+Ray, or `--address` for a cluster) or a sequential in-process one (`--executor local`).
 
 A build is a set of shard tasks (DESIGN.md §6): a shard whose done marker exists is
 skipped, so rerunning the same command after a crash finishes the job.
@@ -13,25 +12,26 @@ skipped, so rerunning the same command after a crash finishes the job.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import pyarrow as pa
 
 import posedata
 from posedata.extractors import create_extractor, dependency_order, extractor_class, DEFAULT_FEATURES
-from posedata.extractors.base import Extractor, ExtractorError, Sample
-from posedata.images import ImageRejected, decode_image, decode_jpeg_rgb, encode_jpeg, resize
+from posedata.extractors.base import Extractor
+from posedata.images import ImageRejected, decode_image, encode_jpeg, resize
 from posedata.layout import CARD, MANIFEST, REJECTS, DatasetLocation
 from posedata.plan import ShardTask, plan_shards
-from posedata.records import STAGE_DECODE, STAGE_EXTRACT, Record, SourceScan
-from posedata.shards import MANIFEST_SCHEMA, REJECTS_SCHEMA, encode_output, write_shard
+from posedata.records import STAGE_DECODE, SourceScan
+from posedata.pipeline import Job, StageSpec, output_suffixes, run_locally, run_with_ray
+from posedata.shards import MANIFEST_SCHEMA, REJECTS_SCHEMA, write_shard
 
 log = logging.getLogger("posedata.build")
 
@@ -101,93 +101,6 @@ def decode_rows(rows: list[dict[str, Any]], height: int, width: int) -> list[dic
     return out
 
 
-class ExtractorStage:
-    """One extractor inside the pipeline: builds Samples from rows, runs the model in batches,
-    encodes the outputs into row columns `f:<folder>:<suffix>`. Used as a Ray actor class."""
-
-    def __init__(self, name: str, kwargs: dict[str, Any], location_url: str, storage_options: dict[str, Any], dependencies: dict[str, str], threads: int | None = None):
-        import torch
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.extractor: Extractor = create_extractor(name, **kwargs)
-        self.folder = self.extractor.folder
-        self.suffixes = output_suffixes(self.extractor)
-        self.dependencies = dependencies  # required feature name -> folder
-        self.dependency_suffixes = {dep: output_suffixes(create_extractor(dep, **_dep_kwargs(kwargs))) for dep in dependencies}
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.extractor.setup(device)
-        self._write_null_embedding(DatasetLocation(location_url, storage_options))
-
-    def _write_null_embedding(self, location: DatasetLocation) -> None:
-        null = self.extractor.null_embedding()
-        if not null:
-            return
-        from posedata.shards import encode_array
-
-        for suffix, array in null.items():
-            path = location.null_embedding(self.folder, suffix.removesuffix(".npy"))
-            if not location.exists(path):
-                location.write_bytes(path, encode_array(array))
-
-    def _sample(self, row: dict[str, Any]) -> Sample:
-        from posedata.shards import decode_output
-
-        sample = Sample(
-            key=row["key"],
-            image=decode_jpeg_rgb(row["jpg"]),
-            annotations=json.loads(row["annotations"]) if row.get("annotations") else {},
-            original_size=(int(row["original_height"]), int(row["original_width"])),
-        )
-        for dep, folder in self.dependencies.items():
-            sample[dep] = {s: decode_output(s, row[f"f:{folder}:{s}"]) for s in self.dependency_suffixes[dep]}
-        return sample
-
-    def __call__(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for row in rows:
-            for suffix in self.suffixes:
-                row[f"f:{self.folder}:{suffix}"] = b""
-        live = [row for row in rows if row["status"] == "ok"]
-        if not live:
-            return rows
-        try:
-            results = self.extractor([self._sample(r) for r in live])
-            outcomes = list(zip(live, results, [None] * len(live)))
-        except Exception:
-            # One bad image must not take the batch down: redo one by one to find it.
-            outcomes = []
-            for row in live:
-                try:
-                    outcomes.append((row, self.extractor([self._sample(row)])[0], None))
-                except Exception as e:  # noqa: BLE001 - any failure becomes a reject reason
-                    outcomes.append((row, None, e))
-        for row, result, error in outcomes:
-            if error is None:
-                try:
-                    for suffix in self.suffixes:
-                        row[f"f:{self.folder}:{suffix}"] = encode_output(suffix, result[suffix])
-                    continue
-                except Exception as e:  # noqa: BLE001
-                    error = e
-            row.update(status="rejected", stage=STAGE_EXTRACT, reason=_extract_reason(self.extractor.name, error))
-        return rows
-
-
-def output_suffixes(extractor: Extractor) -> list[str]:
-    """The files an extractor writes per sample (`keypoints.npy`, `skeleton.png`, ...); its
-    `__call__` returns one dict per image keyed by these suffixes."""
-    return [spec.suffix for spec in extractor.outputs().values()]
-
-
-def _extract_reason(name: str, error: Exception) -> str:
-    detail = str(error) if isinstance(error, ExtractorError) else f"{error.__class__.__name__}: {error}"
-    return f"{name} failed: {detail}"
-
-
-def _dep_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if k in ("weights", "resolution", "dtype", "seed")}
-
-
 def write_rows(location: DatasetLocation, rows: list[dict[str, Any]], feature_outputs: dict[str, list[str]]) -> dict[str, Any]:
     rows = sorted(rows, key=lambda r: int(r["index"]))
     shard = rows[0]["shard"]
@@ -245,7 +158,8 @@ def make_plan(config: BuildConfig) -> BuildPlan:
         if not extractor_class(name).uses_model:
             kwargs.pop("weights")
         kwargs_by_name[name] = kwargs
-        extractors[name] = create_extractor(name, **kwargs)
+        upstream = {dep: extractors[dep].folder for dep in extractor_class(name).requires}
+        extractors[name] = create_extractor(name, upstream=upstream, **kwargs)
     return BuildPlan(config, scan, resolution, plan_shards(scan.records, config.shard_size), names, kwargs_by_name, extractors)
 
 
@@ -262,6 +176,23 @@ def task_rows(plan: BuildPlan, task: ShardTask) -> list[dict[str, Any]]:
         }
         for i, r in enumerate(task.records)
     ]
+
+
+def make_job(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask]) -> Job:
+    height, width = plan.resolution
+    stages = []
+    for name in plan.features:
+        dependencies = {dep: (plan.extractors[dep].folder, output_suffixes(plan.extractors[dep])) for dep in plan.extractors[name].requires}
+        stages.append(StageSpec(name, plan.extractor_kwargs[name], dependencies, plan.config.batch_sizes.get(name)))
+    return Job(
+        inputs=[row for task in todo for row in task_rows(plan, task)],
+        prepare=functools.partial(decode_rows, height=height, width=width),
+        stages=stages,
+        write=functools.partial(write_rows, location, feature_outputs=plan.feature_outputs),
+        location=location,
+        workers=plan.config.workers,
+        address=plan.config.address,
+    )
 
 
 def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -282,7 +213,7 @@ def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str,
         echo(f"resuming: {len(plan.tasks) - len(todo)} of {len(plan.tasks)} shards already done")
     if todo:
         runner = run_with_ray if config.executor == "ray" else run_locally
-        runner(plan, location, todo, echo)
+        runner(make_job(plan, location, todo), echo)
     summary = finalize(plan, location, started)
     if summary["inputs"] != n_inputs:
         raise RuntimeError(f"reconciliation failed: {n_inputs} inputs but {summary['written']} written + {summary['rejected']} rejected")
@@ -315,112 +246,6 @@ def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
             schema=REJECTS_SCHEMA,
         ),
     )
-
-
-def run_locally(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask], echo) -> None:
-    """Sequential executor: the same steps, in this process (debugging, tiny datasets)."""
-    height, width = plan.resolution
-    stages = [
-        ExtractorStage(name, plan.extractor_kwargs[name], location.url, location.storage_options, _dependencies(plan, name))
-        for name in plan.features
-    ]
-    from tqdm import tqdm
-
-    for task in tqdm(todo, desc="shards", unit="shard", file=sys.stderr):
-        rows = decode_rows(task_rows(plan, task), height, width)
-        for stage in stages:
-            for start in range(0, len(rows), stage.extractor.batch_size):
-                stage(rows[start : start + stage.extractor.batch_size])
-        write_rows(location, rows, plan.feature_outputs)
-
-
-def _dependencies(plan: BuildPlan, name: str) -> dict[str, str]:
-    return {dep: plan.extractors[dep].folder for dep in plan.extractors[name].requires}
-
-
-def run_with_ray(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask], echo) -> None:
-    import pandas as pd
-    import ray
-
-    _init_ray(plan.config.address)
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
-    height, width = plan.resolution
-    rows = [row for task in todo for row in task_rows(plan, task)]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(todo) * 4, len(rows))))
-
-    def as_records(fn):
-        def apply(df: pd.DataFrame) -> pd.DataFrame:
-            return pd.DataFrame(fn(df.to_dict("records")))
-
-        return apply
-
-    ds = ds.map_batches(as_records(lambda rs: decode_rows(rs, height, width)), batch_format="pandas", batch_size=16)
-
-    model_stages = [n for n in plan.features if extractor_class(n).uses_model]
-    for name in plan.features:
-        cls = extractor_class(name)
-        options: dict[str, Any] = {}
-        if gpus and cls.uses_model:
-            options["num_gpus"] = cls.gpu_share
-            options["concurrency"] = max(1, int(gpus / cls.gpu_share))
-            threads = None
-        else:
-            # On CPU the actors must leave at least one core free for the decode and write
-            # tasks, or Ray waits forever for a CPU (the 2-core deadlock).
-            share = max(0.1, min(1.0, (cpus - 1) / max(1, len(model_stages)))) if cls.uses_model else 0.1
-            options["num_cpus"] = share
-            options["concurrency"] = plan.config.workers or 1
-            threads = max(1, cpus // max(1, len(model_stages) * options["concurrency"])) if cls.uses_model else 1
-        batch_size = plan.config.batch_sizes.get(name, cls.batch_size)
-        ds = ds.map_batches(
-            _ActorAdapter,
-            fn_constructor_kwargs=dict(
-                name=name,
-                kwargs=plan.extractor_kwargs[name],
-                location_url=location.url,
-                storage_options=location.storage_options,
-                dependencies=_dependencies(plan, name),
-                threads=threads,
-            ),
-            batch_format="pandas",
-            batch_size=batch_size,
-            **options,
-        )
-
-    feature_outputs = plan.feature_outputs
-    url, storage_options = location.url, location.storage_options
-
-    def write_group(df: pd.DataFrame) -> pd.DataFrame:
-        result = write_rows(DatasetLocation(url, storage_options), df.to_dict("records"), feature_outputs)
-        return pd.DataFrame([result])
-
-    results = ds.groupby("shard").map_groups(write_group, batch_format="pandas").take_all()
-    echo(f"wrote {len(results)} shards")
-
-
-class _ActorAdapter:
-    """Ray actor wrapper: pandas batches in and out around an ExtractorStage."""
-
-    def __init__(self, **kwargs):
-        self.stage = ExtractorStage(**kwargs)
-
-    def __call__(self, df):
-        import pandas as pd
-
-        return pd.DataFrame(self.stage(df.to_dict("records")))
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_operator_progress_bars = True
 
 
 # ---- finishing ------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ REGISTRY: dict[str, str] = {
     "openpose": "posedata.extractors.openpose:OpenPoseExtractor",
     "clip": "posedata.extractors.clip:ClipExtractor",
     "keypoints_annotated": "posedata.extractors.keypoints_annotated:AnnotatedKeypoints",
+    "parsing": "posedata.extractors.parsing:ParsingExtractor",
+    "clip_regions": "posedata.extractors.clip_regions:ClipRegionsExtractor",
+    "vae": "posedata.extractors.vae:VaeExtractor",
+    "dinov2": "posedata.extractors.dinov2:Dinov2Extractor",
 }
 
 # What `posedata build` computes when --features is not given.
@@ -25,8 +29,13 @@ def extractor_class(name: str) -> type[Extractor]:
     return getattr(importlib.import_module(module), cls)
 
 
-def create_extractor(name: str, **kwargs) -> Extractor:
-    return extractor_class(name)(**kwargs)
+def create_extractor(name: str, upstream: dict[str, str] | None = None, **kwargs) -> Extractor:
+    """Build extractor `name`; `upstream` maps each feature it requires to the folder that
+    feature was read from (it becomes part of the fingerprint)."""
+    extractor = extractor_class(name)(**kwargs)
+    if upstream:
+        extractor.upstream = dict(upstream)
+    return extractor
 
 
 def dependency_order(names: list[str]) -> list[str]:

@@ -76,6 +76,9 @@ class Extractor:
     gpu_share: ClassVar[float] = 1.0
     # True when the extractor runs a neural network (False: pure function of annotations).
     uses_model: ClassVar[bool] = True
+    # Folders of the features this one was computed from (set by `create_extractor`): part of
+    # the fingerprint, so regions cut from another parser's maps get another folder.
+    upstream: dict[str, str] = {}
 
     def __init__(
         self,
@@ -106,6 +109,7 @@ class Extractor:
             "weights_digest": local_weights_digest(self.model_id) if self.weights == "pretrained" else None,
             "resolution": list(self.resolution),
             "dtype": self.dtype,
+            **({"upstream": dict(sorted(self.upstream.items()))} if self.upstream else {}),
         }
 
     def fingerprint(self) -> str:

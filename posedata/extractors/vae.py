@@ -33,9 +33,11 @@ feeds `[source | black]` (side by side, one image) as its masked image. Note tha
 half is encoded next to the source, so its latent near the seam sees the source; the stored
 black latent is that of a black image alone, exact away from the seam.
 
-Compute dtype: fp32 on CPU. On CUDA `compute_dtype` (fp16 by default, as PCDMs' fp16
-mixed-precision training ran the VAE); a batch whose fp16/bf16 posterior is not finite (the
-SD VAE can overflow in half precision) is re-encoded in fp32. The policy is in the fingerprint.
+Compute dtype: fp32 on CPU. On CUDA the encoder runs under `torch.autocast(compute_dtype)`
+(fp16 by default, as PCDMs' fp16 mixed-precision training ran the VAE; weights stay fp32 and
+autocast keeps GroupNorm in fp32); a batch whose half-precision posterior is not finite (the SD
+VAE can overflow in fp16) is re-encoded in plain fp32 with the same fp32 weights. The policy is
+in the fingerprint.
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class VaeExtractor(Extractor):
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
         self._model = None
-        self._compute_dtype = None
+        self._autocast_dtype = None
         self.subfolder = self._resolve_subfolder(subfolder)
         self.revision = revision
         self.flip = bool(flip)
@@ -180,9 +182,8 @@ class VaeExtractor(Extractor):
 
     def known_config(self) -> dict[str, Any] | None:
         """The VAE config as far as it is known without loading weights: the built config,
-        a local directory's config.json, or the recorded facts of a preset's hub id."""
-        if self._model is not None:
-            return dict(self._model.config)
+        a local directory's config.json, or the recorded facts of a preset's hub id. Never
+        the loaded model's, so the fingerprint is the same before and after setup()."""
         config = self.architecture_config()
         if config is not None:
             return config
@@ -232,8 +233,9 @@ class VaeExtractor(Extractor):
         return specs
 
     def compute_dtype_policy(self) -> str:
-        fallback = "" if self.compute_dtype == "fp32" else "(fp32 re-encode if not finite)"
-        return f"cpu:fp32,cuda:{self.compute_dtype}{fallback}"
+        if self.compute_dtype == "fp32":
+            return "cpu:fp32,cuda:fp32"
+        return f"cpu:fp32,cuda:fp32-weights+{self.compute_dtype}-autocast(fp32 re-encode if not finite)"
 
     def fingerprint_inputs(self) -> dict[str, Any]:
         inputs = super().fingerprint_inputs()
@@ -256,7 +258,8 @@ class VaeExtractor(Extractor):
 
     def card(self) -> dict[str, Any]:
         card = super().card()
-        card["scaling_factor"] = self.scaling_factor()
+        loaded = float(self._model.config.scaling_factor) if self._model is not None else None
+        card["scaling_factor"] = loaded if loaded is not None else self.scaling_factor()
         card["preset"] = self.preset
         card["consumers"] = list(self.PRESETS[self.preset]["consumers"])
         card["sampling"] = "latent = (mean + std * randn_like(mean)) * scaling_factor"
@@ -274,26 +277,30 @@ class VaeExtractor(Extractor):
                 kwargs["subfolder"] = self.subfolder
             if self.revision:
                 kwargs["revision"] = self.revision
+            if os.path.isdir(self.model_id) and self.subfolder:
+                # diffusers silently falls back to the root when a local subfolder is missing.
+                path = os.path.join(self.model_id, self.subfolder)
+                if not os.path.isdir(path):
+                    raise FileNotFoundError(f"vae: no subfolder {self.subfolder!r} in {self.model_id}")
             # A hub id or a local directory; HF_HUB_OFFLINE=1 keeps it to the local cache.
-            return AutoencoderKL.from_pretrained(self.model_id, **kwargs)
+            return AutoencoderKL.from_pretrained(self.model_id, torch_dtype=torch.float32, **kwargs)
         # Seeded init without disturbing the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return AutoencoderKL(**self.architecture_config())
 
     def setup(self, device: str) -> None:
-        import torch
-
         declared = self.scaling_factor()  # before loading: what the fingerprint recorded
         super().setup(device)
         on_cuda = str(device).startswith("cuda")
-        self._compute_dtype = torch_dtype(self.compute_dtype) if on_cuda else torch.float32
+        half = on_cuda and self.compute_dtype != "fp32"
+        self._autocast_dtype = torch_dtype(self.compute_dtype) if half else None
         model = self.build_model()
         model.requires_grad_(False)
         loaded = float(model.config.scaling_factor)
         if declared is not None and abs(loaded - declared) > 1e-9:
             raise RuntimeError(f"vae: {self.model_id} has scaling_factor {loaded}, but {declared} was fingerprinted")
-        self._model = cast(model, self._compute_dtype).to(device).eval()
+        self._model = model.to(device).eval()
 
     # ---- preprocessing ----------------------------------------------------------------------
 
@@ -314,21 +321,23 @@ class VaeExtractor(Extractor):
         if self._model is None:
             raise RuntimeError("VaeExtractor.setup(device) must be called before encoding")
         with torch.inference_mode():
-            x = pixels.to(device=self.device, dtype=self._compute_dtype)
-            dist = self._model.encode(x).latent_dist
-            mean, std = dist.mean, dist.std
-            if self._compute_dtype != torch.float32 and not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
-                cast(self._model, torch.float32)
-                try:
-                    dist = self._model.encode(pixels.to(device=self.device, dtype=torch.float32)).latent_dist
-                    mean, std = dist.mean, dist.std
-                finally:
-                    cast(self._model, self._compute_dtype)
+            x = pixels.to(device=self.device, dtype=torch.float32)
+            if self._autocast_dtype is None:
+                mean, std = self._posterior(x)
+            else:
+                with torch.autocast(device_type=torch.device(self.device).type, dtype=self._autocast_dtype):
+                    mean, std = self._posterior(x)
+                if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                    mean, std = self._posterior(x)  # overflow in half precision: redo in fp32
             store = torch_dtype(self.dtype)
             # Round to the dataset dtype first (bf16 is then stored as float32).
             mean = mean.to(store).float().cpu().numpy().astype(numpy_store_dtype(self.dtype))
             std = std.to(store).float().cpu().numpy().astype(numpy_store_dtype(self.dtype))
         return mean, std
+
+    def _posterior(self, x):
+        dist = self._model.encode(x).latent_dist
+        return dist.mean.float(), dist.std.float()
 
     def _check(self, sample: Sample) -> np.ndarray:
         image = sample["image"]
@@ -364,16 +373,6 @@ class VaeExtractor(Extractor):
         black = np.zeros((height, width, 3), dtype=np.uint8)
         mean, std = self.encode_pixels(self.preprocess([black]))
         return {"black_mean.npy": mean[0], "black_std.npy": std[0]}
-
-
-def cast(model, dtype):
-    """`model.to(dtype)` through torch's Module.to: diffusers' ModelMixin.to warns about
-    keep-in-fp32 modules on every dtype cast, even when the VAE declares none."""
-    import torch
-
-    if model.dtype != dtype:
-        torch.nn.Module.to(model, dtype=dtype)
-    return model
 
 
 def resolve_preset(presets: dict[str, dict[str, Any]], default: str, preset: str | None, model: str | None) -> str:

@@ -1,0 +1,222 @@
+"""The machinery that runs extractors over rows, once for every job that needs it.
+
+A `Job` is: input rows (each names its `shard`), a `prepare` step that turns a batch of
+inputs into sample rows (decode + resize for `build`; read the stored images for `extend`),
+one `StageSpec` per extractor in dependency order, and a `write` step that receives all rows
+of one shard. Two executors run a Job: Ray Data (decode/prepare as tasks, each extractor as an
+actor pool, shards written by tasks after a group-by on `shard`) and a sequential in-process
+one. Neither knows which models are inside (datatrove's steps vs executors).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from posedata.extractors import create_extractor, extractor_class
+from posedata.extractors.base import Extractor, ExtractorError, Sample
+from posedata.images import decode_jpeg_rgb
+from posedata.layout import DatasetLocation
+from posedata.records import STAGE_EXTRACT
+from posedata.shards import decode_output, encode_array, encode_output
+
+Rows = list[dict[str, Any]]
+
+
+def output_suffixes(extractor: Extractor) -> list[str]:
+    """The files an extractor writes per sample (`keypoints.npy`, `skeleton.png`, ...); its
+    `__call__` returns one dict per image keyed by these suffixes."""
+    return [spec.suffix for spec in extractor.outputs().values()]
+
+
+def feature_column(folder: str, suffix: str) -> str:
+    """The row column that carries one encoded output of one feature between stages."""
+    return f"f:{folder}:{suffix}"
+
+
+@dataclass
+class StageSpec:
+    name: str
+    kwargs: dict[str, Any]
+    # feature name -> (folder, suffixes) of each feature this extractor requires
+    dependencies: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
+    batch_size: int | None = None
+
+
+@dataclass
+class Job:
+    inputs: Rows
+    prepare: Callable[[Rows], Rows]
+    stages: list[StageSpec]
+    write: Callable[[Rows], dict[str, Any]]
+    location: DatasetLocation
+    prepare_batch_size: int = 16
+    workers: int | None = None  # actors per extractor on CPU
+    address: str | None = None
+
+
+class ExtractorStage:
+    """One extractor inside a job: builds Samples from rows, runs the model in batches,
+    encodes the outputs into row columns. Runs inside a Ray actor or in-process."""
+
+    def __init__(self, spec: StageSpec, location_url: str, storage_options: dict[str, Any], threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = spec
+        upstream = {dep: folder for dep, (folder, _) in spec.dependencies.items()}
+        self.extractor: Extractor = create_extractor(spec.name, upstream=upstream, **spec.kwargs)
+        self.folder = self.extractor.folder
+        self.suffixes = output_suffixes(self.extractor)
+        self.extractor.setup("cuda" if torch.cuda.is_available() else "cpu")
+        self._write_null_embedding(DatasetLocation(location_url, storage_options))
+
+    @property
+    def batch_size(self) -> int:
+        return self.spec.batch_size or self.extractor.batch_size
+
+    def _write_null_embedding(self, location: DatasetLocation) -> None:
+        for suffix, array in (self.extractor.null_embedding() or {}).items():
+            path = location.null_embedding(self.folder, suffix.removesuffix(".npy"))
+            if not location.exists(path):
+                location.write_bytes(path, encode_array(array))
+
+    def _sample(self, row: dict[str, Any]) -> Sample:
+        sample = Sample(
+            key=row["key"],
+            image=decode_jpeg_rgb(row["jpg"]),
+            annotations=json.loads(row["annotations"]) if row.get("annotations") else {},
+            original_size=(int(row["original_height"]), int(row["original_width"])),
+        )
+        for dep, (folder, suffixes) in self.spec.dependencies.items():
+            sample[dep] = {s: decode_output(s, row[feature_column(folder, s)]) for s in suffixes}
+        return sample
+
+    def __call__(self, rows: Rows) -> Rows:
+        for row in rows:
+            for suffix in self.suffixes:
+                row[feature_column(self.folder, suffix)] = b""
+        live = [row for row in rows if row["status"] == "ok"]
+        if not live:
+            return rows
+        try:
+            results = self.extractor([self._sample(r) for r in live])
+            outcomes = [(row, result, None) for row, result in zip(live, results)]
+        except Exception:
+            # One bad image must not take the batch down: redo one by one to find it.
+            outcomes = []
+            for row in live:
+                try:
+                    outcomes.append((row, self.extractor([self._sample(row)])[0], None))
+                except Exception as e:  # noqa: BLE001 - any failure becomes a reject reason
+                    outcomes.append((row, None, e))
+        for row, result, error in outcomes:
+            if error is None:
+                try:
+                    for suffix in self.suffixes:
+                        row[feature_column(self.folder, suffix)] = encode_output(suffix, result[suffix])
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    error = e
+            detail = str(error) if isinstance(error, ExtractorError) else f"{error.__class__.__name__}: {error}"
+            row.update(status="rejected", stage=STAGE_EXTRACT, reason=f"{self.extractor.name} failed: {detail}")
+        return rows
+
+
+# ---- executors ---------------------------------------------------------------------------------
+
+
+def run_locally(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Sequential executor: the same steps, in this process (debugging, tiny datasets)."""
+    from tqdm import tqdm
+
+    stages = [ExtractorStage(spec, job.location.url, job.location.storage_options) for spec in job.stages]
+    results = []
+    by_shard = itertools.groupby(sorted(job.inputs, key=lambda r: r["shard"]), key=lambda r: r["shard"])
+    shards = [(shard, list(rows)) for shard, rows in by_shard]
+    for _, inputs in tqdm(shards, desc="shards", unit="shard", file=sys.stderr):
+        rows = [row for start in range(0, len(inputs), job.prepare_batch_size) for row in job.prepare(inputs[start : start + job.prepare_batch_size])]
+        for stage in stages:
+            for start in range(0, len(rows), stage.batch_size):
+                stage(rows[start : start + stage.batch_size])
+        results.append(job.write(rows))
+    return results
+
+
+def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    import pandas as pd
+    import ray
+
+    init_ray(job.address)
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    n_shards = len({row["shard"] for row in job.inputs})
+    ds = ray.data.from_items(job.inputs, override_num_blocks=max(1, min(n_shards * 4, len(job.inputs))))
+    ds = ds.map_batches(_on_records(job.prepare), batch_format="pandas", batch_size=job.prepare_batch_size)
+
+    model_stages = sum(1 for spec in job.stages if extractor_class(spec.name).uses_model)
+    for spec in job.stages:
+        cls = extractor_class(spec.name)
+        options: dict[str, Any] = {}
+        threads = None
+        if gpus and cls.uses_model:
+            options["num_gpus"] = cls.gpu_share
+            options["concurrency"] = max(1, int(gpus / cls.gpu_share))
+        else:
+            # On CPU the actors must leave at least one core free for the prepare and write
+            # tasks, or Ray waits forever for a CPU (the 2-core deadlock).
+            options["num_cpus"] = max(0.1, min(1.0, (cpus - 1) / max(1, model_stages))) if cls.uses_model else 0.1
+            options["concurrency"] = job.workers or 1
+            threads = max(1, cpus // max(1, model_stages * options["concurrency"])) if cls.uses_model else 1
+        ds = ds.map_batches(
+            _ActorAdapter,
+            fn_constructor_kwargs=dict(spec=spec, location_url=job.location.url, storage_options=job.location.storage_options, threads=threads),
+            batch_format="pandas",
+            batch_size=spec.batch_size or cls.batch_size,
+            **options,
+        )
+
+    write = job.write
+
+    def write_group(df: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame([write(df.to_dict("records"))])
+
+    return ds.groupby("shard").map_groups(write_group, batch_format="pandas").take_all()
+
+
+def _on_records(fn: Callable[[Rows], Rows]):
+    import pandas as pd
+
+    def apply(df: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(fn(df.to_dict("records")))
+
+    return apply
+
+
+class _ActorAdapter:
+    """Ray actor: pandas batches in and out around an ExtractorStage."""
+
+    def __init__(self, **kwargs):
+        self.stage = ExtractorStage(**kwargs)
+
+    def __call__(self, df):
+        import pandas as pd
+
+        return pd.DataFrame(self.stage(df.to_dict("records")))
+
+
+def init_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
