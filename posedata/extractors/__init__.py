@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "clip_regions": "posedata.extractors.clip_regions:ClipRegionsExtractor",
     "vae": "posedata.extractors.vae:VaeExtractor",
     "dinov2": "posedata.extractors.dinov2:Dinov2Extractor",
+    "higherhrnet": "posedata.extractors.higherhrnet:HigherHRNetExtractor",
 }
 
 # What `posedata build` computes when --features is not given.

@@ -2,8 +2,9 @@
 
 RePoseDM (Khandelwal, "RePoseDM: Recurrent Pose Alignment and Gradient Guidance for Pose
 Guided Image Synthesis", arXiv 2310.16074) uses a bottom-up HigherHRNet-W32 trained on COCO as
-its pose estimator; its pose-alignment loss compares the estimator's backbone features of the
-generated pose map with those of the target pose, so the target side is computed once here.
+its pose estimator (DESIGN.md §4); its pose-alignment loss compares the estimator's backbone
+features of the generated pose map with those of the target pose, so the target side is
+computed once here.
 
 Outputs per image:
 
@@ -17,8 +18,9 @@ Outputs per image:
   so the two candidate definitions are the same tensor. Training plugins get the matching
   features of a generated pose map from `HigherHRNet.pose_features(render / 255)`.
 
-Skeleton render. RePoseDM's code is not public (we searched GitHub and the web for it and found
-only the paper), so the pose-map style is our choice: OpenPose style via
+Skeleton render. We could not find RePoseDM's code (code and web searches for the paper's name
+and method turn up only the paper's abstract pages), so the pose-map style is our choice:
+OpenPose style via
 `posedata.render.draw_openpose`, the same render ControlNet / PCDMs condition on. The COCO-17
 detections become COCO-18 by adding neck = midpoint of the shoulders (present when both are,
 score = the smaller of the two) and reordering (`coco17_to_coco18`); joints are drawn when
@@ -44,8 +46,9 @@ tag grouping instead of Munkres matching. An mmpose backend stays optional futur
 only if the grouping must match the official one exactly.
 
 Preprocessing: RGB / 255, padded right/bottom with black to a multiple of 32, ImageNet
-mean / std; the network sees the stored resolution (the official test resizes the short side to
-512 instead, so people much smaller or larger than in COCO at 512 are detected less well).
+mean / std; the network sees the stored resolution. The official test instead resizes the short
+side to 512 (`resize_align_multi_scale`), so at e.g. 256 x 176 people appear at a smaller scale
+than the network was evaluated at, which can cost keypoint accuracy.
 
 weights: "pretrained" loads the official checkpoint from `model`: the .pth itself, a directory
 holding `pose_higher_hrnet_w32_512.pth`, or a Hugging Face repo id holding that file
@@ -81,20 +84,39 @@ from posedata.render import (
     draw_openpose,
 )
 
-# Kept free of torch at import time: posedata.models.higherhrnet imports torch, so it is
-# imported inside the methods that run the network.
+# posedata.models.higherhrnet imports torch, so it is imported inside the methods that run the
+# network and `posedata inspect` can read this module without torch.
 WEIGHTS_FILE = "pose_higher_hrnet_w32_512.pth"
 NUM_JOINTS = 17
 FEATURE_CHANNELS = 32
 FEATURE_STRIDE = 4
-RENDER_SCORE_THRESHOLD = 0.1  # = the decoder's detection threshold
+# Restated from posedata.models.higherhrnet for the fingerprint, so that computing it needs no
+# torch (tests/test_higherhrnet.py checks they agree).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NMS_KERNEL = 5
+DETECTION_THRESHOLD = 0.1
+TAG_THRESHOLD = 1.0
+MAX_NUM_PEOPLE = 30
+RENDER_SCORE_THRESHOLD = DETECTION_THRESHOLD
+FULL_ARCHITECTURE = (
+    "HigherHRNet-W32 (posedata.models.higherhrnet.W32_CONFIG): timm hrnet_w32 backbone, official W32 "
+    "stage cfg, stage 4 fused to branch 0; head final_layers 32->34 @1/4, deconv cat 66->32 4x4/2 + "
+    "4 BasicBlocks, final_layers 32->17 @1/2"
+)
+TINY_ARCHITECTURE = (
+    "HigherHRNet tiny (posedata.models.higherhrnet.TINY_CONFIG): timm HRNet stem 16, 1 block per "
+    "branch, widths 32-16-16-16, 1 module per stage; head as W32 with 1 BasicBlock"
+)
 
-# COCO-18 joint <- COCO-17 joint (neck, COCO-18 index 1, is computed from both shoulders).
+# COCO-17 order of the HigherHRNet heatmap channels (official lib/dataset/__init__.py
+# coco_part_labels), restated from posedata.models.higherhrnet (the tests check they agree).
 COCO17_NAMES: tuple[str, ...] = (
     "nose", "l_eye", "r_eye", "l_ear", "r_ear",
     "l_shoulder", "r_shoulder", "l_elbow", "r_elbow", "l_wrist", "r_wrist",
     "l_hip", "r_hip", "l_knee", "r_knee", "l_ankle", "r_ankle",
 )
+# COCO-18 joint <- COCO-17 joint (neck, COCO-18 index 1, is computed from both shoulders).
 COCO18_FROM_COCO17: dict[int, int] = {
     COCO18_NAMES.index(name): COCO17_NAMES.index(name) for name in COCO18_NAMES if name in COCO17_NAMES
 }
@@ -181,19 +203,17 @@ class HigherHRNetExtractor(Extractor):
         }
 
     def fingerprint_inputs(self) -> dict[str, Any]:
-        from posedata.models import higherhrnet as hh
-
         inputs = super().fingerprint_inputs()
         if self.weights == "pretrained" and os.path.isfile(self.model_id):
             inputs["weights_digest"] = _file_digest(self.model_id)
         inputs["weights_file"] = WEIGHTS_FILE if self.weights == "pretrained" else None
-        inputs["architecture"] = self.architecture().describe()
+        inputs["architecture"] = TINY_ARCHITECTURE if self.weights == "tiny" else FULL_ARCHITECTURE
         inputs["init"] = None if self.weights == "pretrained" else "timm kaiming, zero_init_last"
         inputs["preprocessing"] = {
             "color_order": "RGB",
             "scale": "x / 255",
-            "mean": list(hh.IMAGENET_MEAN),
-            "std": list(hh.IMAGENET_STD),
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
             "input": "stored resolution, padded right/bottom with black to a multiple of 32",
             "compute_dtype": "fp32",
         }
@@ -201,10 +221,10 @@ class HigherHRNetExtractor(Extractor):
             "aggregation": "single scale, no flip; 1/4 output -> 1/2 size, heatmaps averaged with the 1/2 "
             "heatmaps, heatmaps and tags -> input size (bilinear, align_corners=False)",
             "decoder": "posedata.models.higherhrnet.decode_single_person",
-            "nms_kernel": hh.NMS_KERNEL,
-            "detection_threshold": hh.DETECTION_THRESHOLD,
-            "tag_threshold": hh.TAG_THRESHOLD,
-            "max_people": hh.MAX_NUM_PEOPLE,
+            "nms_kernel": NMS_KERNEL,
+            "detection_threshold": DETECTION_THRESHOLD,
+            "tag_threshold": TAG_THRESHOLD,
+            "max_people": MAX_NUM_PEOPLE,
             "adjust": True,
             "refine": self.refine,
             "person": "highest mean joint score",
@@ -294,7 +314,15 @@ class HigherHRNetExtractor(Extractor):
         keypoints = np.zeros((len(images), NUM_JOINTS, 3), dtype=np.float32)
         scores = np.zeros(len(images), dtype=np.float32)
         for i in range(len(images)):
-            keypoints[i], scores[i] = decode_single_person(heatmaps[i], tags[i], refine=self.refine)
+            keypoints[i], scores[i] = decode_single_person(
+                heatmaps[i],
+                tags[i],
+                detection_threshold=DETECTION_THRESHOLD,
+                tag_threshold=TAG_THRESHOLD,
+                nms_kernel=NMS_KERNEL,
+                max_people=MAX_NUM_PEOPLE,
+                refine=self.refine,
+            )
         return keypoints, scores
 
     def pose_features(self, pose_maps: np.ndarray) -> np.ndarray:
