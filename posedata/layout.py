@@ -110,10 +110,13 @@ class DatasetLocation:
         self.write_bytes(path, buf.getvalue())
 
     def read_parquet(self, path: str):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with self.fs.open(path, "rb") as f:
-            return pq.read_table(f)
+        # Synchronous on purpose: with pre-buffering, arrow's I/O threads release the reader
+        # after read_table returns and can do so during interpreter shutdown, which aborts
+        # the process ("terminate called without an active exception"). Our tables are small.
+        return pq.read_table(pa.BufferReader(self.read_bytes(path)), use_threads=False, pre_buffer=False)
 
     def glob(self, pattern: str) -> list[str]:
         return sorted(self.fs.glob(self.path(pattern)))

@@ -158,10 +158,9 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
     n_shards = len({row["shard"] for row in job.inputs})
     ds = ray.data.from_items(job.inputs, override_num_blocks=max(1, min(n_shards * 4, len(job.inputs))))
-    ds = ds.map_batches(_on_records(job.prepare), batch_format="pandas", batch_size=job.prepare_batch_size)
-
-    model_stages = sum(1 for spec in job.stages if extractor_class(spec.name).uses_model)
-    for spec in job.stages:
+    cpu_shares = cpu_budget(cpus, [extractor_class(spec.name).uses_model for spec in job.stages], job.workers or 1)
+    ds = ds.map_batches(_on_records(job.prepare), batch_format="pandas", batch_size=job.prepare_batch_size, num_cpus=TASK_CPUS)
+    for spec, cpu_share in zip(job.stages, cpu_shares):
         cls = extractor_class(spec.name)
         options: dict[str, Any] = {}
         threads = None
@@ -169,11 +168,9 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
             options["num_gpus"] = cls.gpu_share
             options["concurrency"] = max(1, int(gpus / cls.gpu_share))
         else:
-            # On CPU the actors must leave at least one core free for the prepare and write
-            # tasks, or Ray waits forever for a CPU (the 2-core deadlock).
-            options["num_cpus"] = max(0.1, min(1.0, (cpus - 1) / max(1, model_stages))) if cls.uses_model else 0.1
+            options["num_cpus"] = cpu_share
             options["concurrency"] = job.workers or 1
-            threads = max(1, cpus // max(1, model_stages * options["concurrency"])) if cls.uses_model else 1
+            threads = max(1, round(cpu_share)) if cls.uses_model else 1
         ds = ds.map_batches(
             _ActorAdapter,
             fn_constructor_kwargs=dict(spec=spec, location_url=job.location.url, storage_options=job.location.storage_options, threads=threads),
@@ -187,7 +184,25 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     def write_group(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame([write(df.to_dict("records"))])
 
-    return ds.groupby("shard").map_groups(write_group, batch_format="pandas").take_all()
+    return ds.groupby("shard").map_groups(write_group, batch_format="pandas", num_cpus=TASK_CPUS).take_all()
+
+
+# Prepare (decode) and write tasks ask for half a CPU each, so two can run per core and they
+# never wait behind the actors.
+TASK_CPUS = 0.5
+LIGHT_ACTOR_CPUS = 0.05  # extractors without a model (annotation import)
+
+
+def cpu_budget(cpus: int, uses_model: list[bool], actors_per_stage: int) -> list[float]:
+    """CPUs each CPU-side actor asks for. Ray reserves an actor's CPUs for its whole life,
+    so the actors together must leave room for at least one prepare and one write task, or
+    the job waits forever for a CPU (on 2 cores, pools that take every CPU deadlock)."""
+    light = LIGHT_ACTOR_CPUS * actors_per_stage * sum(1 for m in uses_model if not m)
+    heavy_actors = actors_per_stage * sum(1 for m in uses_model if m)
+    available = max(0.2, cpus - 2 * TASK_CPUS - light)
+    # Up to half the machine for the models; decode keeps the rest busy feeding them.
+    per_actor = min(available / heavy_actors, max(1.0, cpus / (2 * heavy_actors))) if heavy_actors else 0.0
+    return [round(per_actor, 3) if m else LIGHT_ACTOR_CPUS for m in uses_model]
 
 
 def _on_records(fn: Callable[[Rows], Rows]):

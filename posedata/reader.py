@@ -110,7 +110,7 @@ class Dataset:
         meta = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
         info = {k: (s, g) for k, s, g in zip(meta["key"].to_pylist(), meta["split"].to_pylist(), meta["group"].to_pylist())}
         streams = [_tar_samples(self.location, path) for _, path in sources]
-        position = 0
+        read = 0
         for position, parts in enumerate(_zip_longest(streams)):
             keys = [p["__key__"] if p is not None else None for p in parts]
             want = expected[position] if position < len(expected) else None
@@ -131,9 +131,11 @@ class Dataset:
                         sample["image" if suffix == "jpg" else "meta"] = value
                     else:
                         sample[f"{column.alias}.{suffix.rsplit('.', 1)[0]}"] = value
+            read += 1
             yield sample
-        if expected and position + 1 < len(expected):
-            raise ShardError(f"shard {shard}: {position + 1} samples read, the manifest lists {len(expected)}")
+        if read < len(expected):
+            files = ", ".join(self.location.url_of(path) for _, path in sources)
+            raise ShardError(f"{files}: {read} samples read, the manifest lists {len(expected)} for shard {shard} (truncated or incomplete)")
 
     def samples(self, split: str, needs: Sequence[str | tuple[str, ...]] = (), pixels: bool = False, limit: int | None = None) -> Iterator[dict[str, Any]]:
         columns = [self.column(n) for n in needs]
