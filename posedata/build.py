@@ -24,7 +24,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 import posedata
-from posedata.extractors import create_extractor, dependency_order, extractor_class, DEFAULT_FEATURES
+from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_order, extractor_class, parse_spec, provider
 from posedata.extractors.base import Extractor
 from posedata.images import ImageRejected, decode_image, encode_jpeg, resize
 from posedata.layout import CARD, MANIFEST, REJECTS, DatasetLocation
@@ -73,7 +73,7 @@ def decode_rows(rows: list[dict[str, Any]], height: int, width: int) -> list[dic
     """Read, decode and resize each input; a bad file becomes a rejected row, never a crash."""
     out = []
     for row in rows:
-        row = dict(row, status="ok", stage="", reason="", jpg=b"", meta=b"", sha256="", original_width=0, original_height=0)
+        row = dict(row, status="ok", stage="", reason="", notes="", jpg=b"", meta=b"", sha256="", original_width=0, original_height=0)
         try:
             data = read_source_bytes(row["path"])
         except (OSError, PermissionError) as e:
@@ -133,7 +133,7 @@ class BuildPlan:
             "source_options": self.config.source_options,
             "resolution": list(self.resolution),
             "shard_size": self.config.shard_size,
-            "features": {name: e.folder for name, e in self.extractors.items()},
+            "features": {spec: e.folder for spec, e in self.extractors.items()},
         }
 
 
@@ -143,24 +143,32 @@ def make_plan(config: BuildConfig) -> BuildPlan:
     source_cls = source_class(config.source)
     scan = source_cls(config.root, **config.source_options).scan()
     resolution = tuple(config.resolution or source_cls.default_resolution)
-    names = list(config.features or DEFAULT_FEATURES)
-    if scan.has_keypoint_annotations and "keypoints_annotated" not in names:
-        names.append("keypoints_annotated")
-    names = dependency_order(names)
-    kwargs_by_name = {}
-    extractors = {}
-    for name in names:
+    specs = list(config.features or DEFAULT_FEATURES)
+    if scan.has_keypoint_annotations and "keypoints_annotated" not in specs:
+        specs.append("keypoints_annotated")
+    specs = dependency_order(specs)
+    kwargs_by_spec = {}
+    extractors: dict[str, Extractor] = {}
+    for spec in specs:
+        name, _ = parse_spec(spec)
         kwargs: dict[str, Any] = dict(weights=config.weights, resolution=resolution, dtype=config.dtype, seed=config.seed)
-        if name in config.models:
-            kwargs["model"] = config.models[name]
+        model = config.models.get(spec) or config.models.get(name)
+        if model:
+            kwargs["model"] = model
         if name == "keypoints_annotated":
-            kwargs["annotation_source"] = json.dumps(scan.info.get("annotation_files", {}), sort_keys=True)
+            keypoint_files = scan.info.get("keypoints", {}).get("from", [])
+            kwargs["annotation_source"] = json.dumps({f: scan.info.get("files", {}).get(f, {}).get("sha256") for f in keypoint_files}, sort_keys=True)
         if not extractor_class(name).uses_model:
             kwargs.pop("weights")
-        kwargs_by_name[name] = kwargs
-        upstream = {dep: extractors[dep].folder for dep in extractor_class(name).requires}
-        extractors[name] = create_extractor(name, upstream=upstream, **kwargs)
-    return BuildPlan(config, scan, resolution, plan_shards(scan.records, config.shard_size), names, kwargs_by_name, extractors)
+        kwargs_by_spec[spec] = kwargs
+        extractors[spec] = create_extractor(spec, upstream=upstream_folders(spec, extractors), **kwargs)
+    return BuildPlan(config, scan, resolution, plan_shards(scan.records, config.shard_size), specs, kwargs_by_spec, extractors)
+
+
+def upstream_folders(spec: str, extractors: dict[str, Extractor]) -> dict[str, str]:
+    """Folders of the features `spec` requires, taken from the extractors already planned."""
+    specs = list(extractors)
+    return {dep: extractors[provider(dep, specs)].folder for dep in extractor_class(spec).requires}
 
 
 def task_rows(plan: BuildPlan, task: ShardTask) -> list[dict[str, Any]]:
@@ -181,9 +189,11 @@ def task_rows(plan: BuildPlan, task: ShardTask) -> list[dict[str, Any]]:
 def make_job(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask]) -> Job:
     height, width = plan.resolution
     stages = []
-    for name in plan.features:
-        dependencies = {dep: (plan.extractors[dep].folder, output_suffixes(plan.extractors[dep])) for dep in plan.extractors[name].requires}
-        stages.append(StageSpec(name, plan.extractor_kwargs[name], dependencies, plan.config.batch_sizes.get(name)))
+    for spec in plan.features:
+        providers = {dep: plan.extractors[provider(dep, plan.features)] for dep in plan.extractors[spec].requires}
+        dependencies = {dep: (e.folder, output_suffixes(e)) for dep, e in providers.items()}
+        batch_size = plan.config.batch_sizes.get(spec) or plan.config.batch_sizes.get(parse_spec(spec)[0])
+        stages.append(StageSpec(spec, plan.extractor_kwargs[spec], dependencies, batch_size))
     return Job(
         inputs=[row for task in todo for row in task_rows(plan, task)],
         prepare=functools.partial(decode_rows, height=height, width=width),
@@ -267,6 +277,10 @@ def finalize(plan: BuildPlan, location: DatasetLocation, started: float) -> dict
     for split in sorted(set(manifest["split"].to_pylist())):
         shards = sorted({t.name for t in plan.tasks if t.split == split})
         splits[split] = {"samples": manifest["split"].to_pylist().count(split), "shards": shards, **pair_counts.get(split, {})}
+    notes = count_notes(markers.filter(pc.equal(markers["status"], "ok"))["notes"].to_pylist())
+    features = {}
+    for spec, extractor in plan.extractors.items():
+        features[extractor.folder] = {**extractor.card(), "spec": spec, "notes": notes.get(spec, {})}
     reasons = collections.Counter(f"{s}: {_reason_kind(r)}" for s, r in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
     elapsed = time.time() - started
     card = {
@@ -277,13 +291,22 @@ def finalize(plan: BuildPlan, location: DatasetLocation, started: float) -> dict
         "resolution": list(plan.resolution),
         "image": {"format": "jpg", "quality": 95, "chroma_subsampling": "4:4:4", "resize": "PIL bicubic with antialiasing, straight to H x W"},
         "splits": splits,
-        "features": {e.folder: e.card() for e in plan.extractors.values()},
+        "features": features,
         "counts": {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects)},
         "rejects_by_reason": dict(sorted(reasons.items())),
         "build": {"shard_size": plan.config.shard_size, "weights": plan.config.weights, "dtype": plan.config.dtype, "executor": plan.config.executor, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
     location.write_json(location.path(CARD), card)  # last: its presence means "complete"
     return {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects), "rejects_by_reason": card["rejects_by_reason"], "seconds": elapsed, "splits": {s: v["samples"] for s, v in splits.items()}, "out": location.url}
+
+
+def count_notes(notes_json: list[str]) -> dict[str, dict[str, int]]:
+    """{feature spec: {note: samples}} from the per-sample notes of the done markers."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for text in notes_json:
+        for spec, notes in (json.loads(text) if text else {}).items():
+            counts[spec].update(notes)
+    return {spec: dict(sorted(c.items())) for spec, c in counts.items()}
 
 
 def _reason_kind(reason: str) -> str:

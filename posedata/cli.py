@@ -7,6 +7,7 @@ import logging
 
 import click
 
+from posedata.extractors import MODEL_PRESETS
 from posedata.extractors.base import WEIGHTS_MODES
 
 STORAGE_OPTIONS_HELP = "JSON dict passed to fsspec for --out/--shards URLs, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (the usual AWS_* env vars work too)."
@@ -63,10 +64,11 @@ def build_options(fn):
         click.option("--root", required=True, help="The dataset's folder on disk."),
         click.option("--out", required=True, help="Where to write the dataset: a path or an fsspec URL (s3://, gs://, file://)."),
         click.option("--res", "resolution", default=None, help="Stored resolution H x W, e.g. 512x352 (default: the source's own)."),
-        click.option("--features", default=None, help="Comma-separated features (default: openpose,clip; annotated keypoints are added when the source has them)."),
+        click.option("--features", default=None, help="Comma-separated feature specs, e.g. openpose,clip,vae:sd21 (default: everything PCDMs, IMAGPose, TruePose and RePoseDM read; annotated keypoints are added when the source has them)."),
+        click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)), default=None, help="The features one model family needs (instead of --features)."),
         click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True, help="pretrained: real weights from hub ids / local dirs; random: full-size random init (benchmarks); tiny: tiny random models (tests, CPU)."),
         click.option("--model", "models", multiple=True, help="FEATURE=HUB_ID_OR_DIR: override a feature's pretrained model, e.g. clip=/models/clip-vit-h."),
-        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True, help="Storage dtype of embeddings."),
+        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default="fp16", show_default=True, help="Storage dtype of embeddings and latents (fp8: e4m3 with a per-tensor scale)."),
         click.option("--shard-size", type=int, default=1000, show_default=True, help="Target samples per shard (groups are never split)."),
         click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True, help="ray: Ray Data job (embedded local Ray, or --address); local: one process, for debugging."),
         click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto or ray://head:10001)."),
@@ -85,6 +87,14 @@ def build() -> None:
     """Build a dataset from a source: `posedata build deepfashion --root ... --out ...`."""
 
 
+def _feature_specs(features: str | None, preset: str | None) -> list[str] | None:
+    if features and preset:
+        raise click.BadParameter("give --features or --preset, not both")
+    if preset:
+        return list(MODEL_PRESETS[preset])
+    return [f.strip() for f in features.split(",") if f.strip()] if features else None
+
+
 def _run_build(source: str, source_options: dict, **kw) -> None:
     from posedata.build import BuildConfig, build as run_build
     from posedata.sources import SourceError
@@ -94,7 +104,7 @@ def _run_build(source: str, source_options: dict, **kw) -> None:
         root=kw["root"],
         out=kw["out"],
         resolution=parse_resolution(kw["resolution"]),
-        features=[f.strip() for f in kw["features"].split(",") if f.strip()] if kw["features"] else None,
+        features=_feature_specs(kw["features"], kw["preset"]),
         weights=kw["weights"],
         models=parse_assignments(kw["models"], "FEATURE=HUB_ID_OR_DIR"),
         dtype=kw["dtype"],

@@ -36,8 +36,11 @@ def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
         outputs = ", ".join(f"{s} {o['dtype']} {o['shape']}" for s, o in feat["outputs"].items())
         size = sizes.get(folder)
         per_sample = f"{size / max(1, card['counts']['written']) / 1024:.1f} KiB/sample" if size is not None else "?"
-        lines.append(f"  {folder:<32} {feat['model']}  [{feat.get('weights', '')}]  {per_sample}")
-        lines.append(f"  {'':<32} {outputs}")
+        label = feat.get("spec") or feat["name"]
+        lines.append(f"  {folder:<28} {label:<14} {feat['model']}  [{feat.get('weights', '')}]  {per_sample}")
+        lines.append(f"  {'':<28} {'':<14} {outputs}")
+        for note, n in feat.get("notes", {}).items():
+            lines.append(f"  {'':<28} {'':<14} {n} samples: {note}")
     base = sizes.get("__base__")
     if base is not None:
         lines.append(f"  {'(base shards: images + meta)':<32} {base / max(1, card['counts']['written']) / 1024:.1f} KiB/sample")

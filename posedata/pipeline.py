@@ -1,7 +1,7 @@
 """The machinery that runs extractors over rows, once for every job that needs it.
 
-A `Job` is: input rows (each names its `shard`), a `prepare` step that turns a batch of
-inputs into sample rows (decode + resize for `build`; read the stored images for `extend`),
+A `Job` is: input rows (each names its `shard` and `index`), a `prepare` step that turns a
+micro-batch of inputs into sample rows (decode + resize for `build`; read the stored images for `extend`),
 one `StageSpec` per extractor in dependency order, and a `write` step that receives all rows
 of one shard. Two executors run a Job: Ray Data (decode/prepare as tasks, each extractor as an
 actor pool, shards written by tasks after a group-by on `shard`) and a sequential in-process
@@ -10,7 +10,6 @@ one. Neither knows which models are inside (datatrove's steps vs executors).
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -19,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from posedata.extractors import create_extractor, extractor_class
-from posedata.extractors.base import Extractor, ExtractorError, Sample
+from posedata.extractors.base import NOTES, Extractor, ExtractorError, Sample
 from posedata.images import decode_jpeg_rgb
 from posedata.layout import DatasetLocation
 from posedata.records import STAGE_EXTRACT
 from posedata.shards import decode_output, encode_array, encode_output
+from posedata.storage import encode_float
 
 Rows = list[dict[str, Any]]
 
@@ -55,7 +55,7 @@ class Job:
     stages: list[StageSpec]
     write: Callable[[Rows], dict[str, Any]]
     location: DatasetLocation
-    prepare_batch_size: int = 16
+    micro_batch: int = 32  # samples that go through the stages together (see micro_batches)
     workers: int | None = None  # actors per extractor on CPU
     address: str | None = None
 
@@ -64,16 +64,23 @@ class ExtractorStage:
     """One extractor inside a job: builds Samples from rows, runs the model in batches,
     encodes the outputs into row columns. Runs inside a Ray actor or in-process."""
 
-    def __init__(self, spec: StageSpec, location_url: str, storage_options: dict[str, Any], threads: int | None = None):
+    def __init__(self, spec: StageSpec, location_url: str, storage_options: dict[str, Any], threads: int = 1):
         import torch
 
-        if threads:
-            torch.set_num_threads(threads)
+        # Same inputs, same bytes: on CPU some kernels (the VAE's convolutions) give other
+        # low bits with another thread count, so every executor runs extractors with the
+        # same fixed count (parallelism comes from more actors); on CUDA, deterministic
+        # kernels.
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
         self.spec = spec
         upstream = {dep: folder for dep, (folder, _) in spec.dependencies.items()}
         self.extractor: Extractor = create_extractor(spec.name, upstream=upstream, **spec.kwargs)
         self.folder = self.extractor.folder
         self.suffixes = output_suffixes(self.extractor)
+        # outputs stored in a dtype numpy lacks (bf16, fp8): packed by posedata.storage
+        self.packed = {s.suffix for s in self.extractor.outputs().values() if s.dtype in ("bfloat16", "float8_e4m3fn")}
         self.extractor.setup("cuda" if torch.cuda.is_available() else "cpu")
         self._write_null_embedding(DatasetLocation(location_url, storage_options))
 
@@ -99,12 +106,18 @@ class ExtractorStage:
         return sample
 
     def __call__(self, rows: Rows) -> Rows:
+        """Extract for one micro-batch (rows of one shard, in index order), in chunks of the
+        extractor's batch size: which samples share a forward pass never depends on the
+        executor or on how Ray cut the data."""
         for row in rows:
             for suffix in self.suffixes:
                 row[feature_column(self.folder, suffix)] = b""
         live = [row for row in rows if row["status"] == "ok"]
-        if not live:
-            return rows
+        for start in range(0, len(live), self.batch_size):
+            self._extract(live[start : start + self.batch_size])
+        return rows
+
+    def _extract(self, live: Rows) -> None:
         try:
             results = self.extractor([self._sample(r) for r in live])
             outcomes = [(row, result, None) for row, result in zip(live, results)]
@@ -119,17 +132,32 @@ class ExtractorStage:
         for row, result, error in outcomes:
             if error is None:
                 try:
+                    notes = result.get(NOTES) or []
+                    if notes:
+                        row["notes"] = json.dumps({**json.loads(row.get("notes") or "{}"), self.spec.name: list(notes)}, sort_keys=True)
                     for suffix in self.suffixes:
-                        row[feature_column(self.folder, suffix)] = encode_output(suffix, result[suffix])
+                        value = result[suffix]
+                        if suffix in self.packed:
+                            value = encode_float(value, self.extractor.dtype, bf16_layout="bits")
+                        row[feature_column(self.folder, suffix)] = encode_output(suffix, value)
                     continue
                 except Exception as e:  # noqa: BLE001
                     error = e
             detail = str(error) if isinstance(error, ExtractorError) else f"{error.__class__.__name__}: {error}"
             row.update(status="rejected", stage=STAGE_EXTRACT, reason=f"{self.extractor.name} failed: {detail}")
-        return rows
 
 
 # ---- executors ---------------------------------------------------------------------------------
+
+
+def micro_batches(inputs: Rows, size: int) -> list[Rows]:
+    """Inputs cut into the fixed groups every stage processes together: rows of one shard,
+    `size` consecutive indices at a time. Fixed by the plan, so both executors, any number
+    of workers and any task order put the same samples through each forward pass."""
+    groups: dict[tuple[str, int], Rows] = {}
+    for row in sorted(inputs, key=lambda r: (r["shard"], int(r["index"]))):
+        groups.setdefault((row["shard"], int(row["index"]) // size), []).append(row)
+    return list(groups.values())
 
 
 def run_locally(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -137,16 +165,13 @@ def run_locally(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     stages = [ExtractorStage(spec, job.location.url, job.location.storage_options) for spec in job.stages]
-    results = []
-    by_shard = itertools.groupby(sorted(job.inputs, key=lambda r: r["shard"]), key=lambda r: r["shard"])
-    shards = [(shard, list(rows)) for shard, rows in by_shard]
-    for _, inputs in tqdm(shards, desc="shards", unit="shard", file=sys.stderr):
-        rows = [row for start in range(0, len(inputs), job.prepare_batch_size) for row in job.prepare(inputs[start : start + job.prepare_batch_size])]
+    by_shard: dict[str, Rows] = {}
+    for group in tqdm(micro_batches(job.inputs, job.micro_batch), desc="batches", unit="batch", file=sys.stderr):
+        rows = job.prepare(group)
         for stage in stages:
-            for start in range(0, len(rows), stage.batch_size):
-                stage(rows[start : start + stage.batch_size])
-        results.append(job.write(rows))
-    return results
+            stage(rows)
+        by_shard.setdefault(group[0]["shard"], []).extend(rows)
+    return [job.write(rows) for rows in by_shard.values()]
 
 
 def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -156,26 +181,31 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     init_ray(job.address)
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
-    n_shards = len({row["shard"] for row in job.inputs})
-    ds = ray.data.from_items(job.inputs, override_num_blocks=max(1, min(n_shards * 4, len(job.inputs))))
+    # One block per micro-batch, and every stage takes whole blocks (batch_size=None), so
+    # Ray never regroups samples between forward passes.
+    groups = [{"rows": json.dumps(group)} for group in micro_batches(job.inputs, job.micro_batch)]
+    ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+    prepare = job.prepare
+
+    def expand(df: pd.DataFrame) -> pd.DataFrame:
+        return pd.DataFrame(prepare([row for text in df["rows"] for row in json.loads(text)]))
+
+    ds = ds.map_batches(expand, batch_format="pandas", batch_size=None, num_cpus=TASK_CPUS)
     cpu_shares = cpu_budget(cpus, [extractor_class(spec.name).uses_model for spec in job.stages], job.workers or 1)
-    ds = ds.map_batches(_on_records(job.prepare), batch_format="pandas", batch_size=job.prepare_batch_size, num_cpus=TASK_CPUS)
     for spec, cpu_share in zip(job.stages, cpu_shares):
         cls = extractor_class(spec.name)
         options: dict[str, Any] = {}
-        threads = None
         if gpus and cls.uses_model:
             options["num_gpus"] = cls.gpu_share
             options["concurrency"] = max(1, int(gpus / cls.gpu_share))
         else:
             options["num_cpus"] = cpu_share
             options["concurrency"] = job.workers or 1
-            threads = max(1, round(cpu_share)) if cls.uses_model else 1
         ds = ds.map_batches(
             _ActorAdapter,
-            fn_constructor_kwargs=dict(spec=spec, location_url=job.location.url, storage_options=job.location.storage_options, threads=threads),
+            fn_constructor_kwargs=dict(spec=spec, location_url=job.location.url, storage_options=job.location.storage_options),
             batch_format="pandas",
-            batch_size=spec.batch_size or cls.batch_size,
+            batch_size=None,
             **options,
         )
 
@@ -203,15 +233,6 @@ def cpu_budget(cpus: int, uses_model: list[bool], actors_per_stage: int) -> list
     # Up to half the machine for the models; decode keeps the rest busy feeding them.
     per_actor = min(available / heavy_actors, max(1.0, cpus / (2 * heavy_actors))) if heavy_actors else 0.0
     return [round(per_actor, 3) if m else LIGHT_ACTOR_CPUS for m in uses_model]
-
-
-def _on_records(fn: Callable[[Rows], Rows]):
-    import pandas as pd
-
-    def apply(df: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame(fn(df.to_dict("records")))
-
-    return apply
 
 
 class _ActorAdapter:

@@ -41,14 +41,16 @@ class Column:
 
 
 def find_feature(card: dict[str, Any], name: str) -> tuple[str, dict[str, Any]] | None:
-    """(folder, feature card) of feature `name` (or exactly `name@fp`) in a dataset card;
-    None if absent; an error if several fingerprints of it coexist and `name` is bare."""
+    """(folder, feature card) of feature `name`, `name:preset` (vae:sd15) or exactly
+    `name@fp` in a dataset card; None if absent; an error if several coexist and `name`
+    does not say which."""
     features = card["features"]
     if name in features:
         return name, features[name]
-    folders = sorted(f for f, c in features.items() if c["name"] == name)
+    base, _, preset = name.partition(":")
+    folders = sorted(f for f, c in features.items() if c["name"] == base and (not preset or c.get("preset") == preset))
     if len(folders) > 1:
-        raise KeyError(f"several {name!r} features ({', '.join(folders)}); name one as name@fingerprint")
+        raise KeyError(f"several {name!r} features ({', '.join(folders)}); name one as name:preset or name@fingerprint")
     return (folders[0], features[folders[0]]) if folders else None
 
 
@@ -83,7 +85,7 @@ class Dataset:
             found = find_feature(self.card, name)
             if found:
                 folder, feature = found
-                return Column(names[0].split("@")[0], folder, tuple(feature["outputs"]))
+                return Column(names[0].split("@")[0].split(":")[0], folder, tuple(feature["outputs"]))
         raise KeyError(f"{self.location.url}: no feature {' or '.join(names)}; features here: {', '.join(self.card['features']) or 'none'}")
 
     def null_embedding(self, column: Column, suffix: str) -> np.ndarray:

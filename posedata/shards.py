@@ -17,6 +17,7 @@ import webdataset as wds
 
 from posedata.images import decode_jpeg_rgb, decode_png, encode_png
 from posedata.layout import DatasetLocation
+from posedata.storage import decode_float
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -43,18 +44,20 @@ REJECTS_SCHEMA = pa.schema(
 )
 # The done marker is one table of both kinds of rows, told apart by `status`.
 MARKER_SCHEMA = pa.schema(
-    [f for f in MANIFEST_SCHEMA] + [pa.field("stage", pa.string()), pa.field("reason", pa.string())]
+    [f for f in MANIFEST_SCHEMA] + [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("notes", pa.string())]
 )
 
 
 def encode_array(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    # np.asarray, not ascontiguousarray: that would turn the 0-d packed fp8/bf16 record 1-d
+    np.save(buf, np.asarray(array), allow_pickle=False)
     return buf.getvalue()
 
 
 def decode_array(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """np.load without pickle; packed bf16 / fp8 arrays come back as float32."""
+    return decode_float(np.load(io.BytesIO(data), allow_pickle=False))
 
 
 def encode_output(suffix: str, value: np.ndarray) -> bytes:
@@ -84,7 +87,8 @@ def decode_output(suffix: str, data: bytes) -> Any:
 def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
     """A tar of webdataset samples (`__key__` + suffix -> bytes), deterministic bytes."""
     buf = io.BytesIO()
-    with wds.TarWriter(buf, user="posedata", group="posedata", mtime=0.0, encoder=False) as sink:
+    # An int mtime: a float one makes tarfile add a 1 KiB PAX header to every member.
+    with wds.TarWriter(buf, user="posedata", group="posedata", mtime=0, encoder=False) as sink:
         for sample in samples:
             sink.write(sample)
     return buf.getvalue()
@@ -134,4 +138,6 @@ def _manifest_row(r: dict[str, Any], shard: str, index: int, status: str) -> dic
         "status": status,
         "stage": r.get("stage") or "",
         "reason": r.get("reason") or "",
+        # extractor notes about this sample, JSON {feature spec: [notes]} ("no person")
+        "notes": r.get("notes") or "",
     }

@@ -63,6 +63,10 @@ def _pose_overlay(image: np.ndarray, sample: dict[str, Any], alias: str) -> np.n
     skeleton = sample.get(f"{alias}.skeleton")
     if skeleton is None:
         keypoints = sample[f"{alias}.keypoints"]
+        if len(keypoints) == 17:  # COCO-17 (HigherHRNet): add the neck, reorder to OpenPose's 18
+            from posedata.extractors.higherhrnet import coco17_to_coco18
+
+            keypoints = coco17_to_coco18(keypoints)
         skeleton = draw_openpose(keypoints, image.shape[0], image.shape[1])
     mask = skeleton.max(axis=2, keepdims=True) > 0
     dimmed = (image.astype(np.float32) * 0.45).astype(np.uint8)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from posedata.extractors.base import ExtractorError
+from posedata.extractors.base import NOTES, ExtractorError
 from posedata.extractors.clip import PROCESSOR_DEFAULTS, TINY_CONFIG, ClipExtractor
 from posedata.extractors.clip_regions import PAD_FILL, ClipRegionsExtractor, crop_region
 from posedata.extractors.parsing import ParsingExtractor
@@ -65,7 +65,7 @@ def test_outputs_and_shapes(tiny, photos):
     out = tiny(samples(photos, REGIONS))
     assert len(out) == len(photos)
     for item, (classes, _) in zip(out, REGIONS):
-        assert set(item) == {"embeds.npy", "classes.npy"}
+        assert set(item) == {"embeds.npy", "classes.npy", NOTES}
         assert item["embeds.npy"].shape == (len(classes), D) and item["embeds.npy"].dtype == np.float16
         assert item["classes.npy"].dtype == np.int32
         np.testing.assert_array_equal(item["classes.npy"], classes)
@@ -207,7 +207,7 @@ def test_on_parsing_outputs_through_the_shard_codec(photos):
     parsed = parser([{"key": f"img{i}", "image": image} for i, image in enumerate(photos)])
     batch = []
     for i, (image, item) in enumerate(zip(photos, parsed)):
-        decoded = {s: decode_output(s, encode_output(s, v)) for s, v in item.items()}
+        decoded = {s: decode_output(s, encode_output(s, v)) for s, v in item.items() if s != NOTES}
         batch.append({"key": f"img{i}", "image": image, "parsing": decoded})
     for item, parse in zip(regions(batch), parsed):
         np.testing.assert_array_equal(item["classes.npy"], parse["classes.npy"])

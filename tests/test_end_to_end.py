@@ -29,6 +29,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from posedata.cli import main as cli_main
+from posedata.extractors import DEFAULT_FEATURES, dependency_order
 from posedata.records import safe_key
 from posedata.sources.deepfashion import item_group, unflatten_name
 
@@ -298,14 +299,19 @@ def feature_folder(out: Path, name: str) -> Path:
 
 # ---- 1. the Ray build -----------------------------------------------------------------------
 
+# The default build: every feature the four models read, in dependency order, plus the
+# source's annotated keypoints.
+DEFAULT_SPECS = dependency_order(list(DEFAULT_FEATURES)) + ["keypoints_annotated"]
+
 
 def test_ray_build_exits_0_and_writes_the_documented_layout(ray_build, tree):
     out = ray_build.out
     assert ray_build.exit_code == 0, ray_build.output[-3000:]
     assert "build summary" in ray_build.output, ray_build.output
     assert f"inputs     {tree.inputs():>8}" in ray_build.output
-    # It really ran on Ray Data: decode tasks, then one actor pool per extractor.
-    assert [r["name"] for r in ray_build.requests if r["actor"]] == ["openpose", "clip", "keypoints_annotated"]
+    # It really ran on Ray Data: decode tasks, then one actor pool per extractor, every
+    # default feature (parsing before clip_regions, which reads it) plus the annotations.
+    assert [r["name"] for r in ray_build.requests if r["actor"]] == DEFAULT_SPECS
 
     card = json.loads((out / "dataset.json").read_text())
     for path in ("dataset.json", "manifest.parquet", "rejects.parquet", "pairs/train.parquet", "pairs/test.parquet", "shards/train-000000.tar", "shards/test-000000.tar", "_done/build.json"):
@@ -317,12 +323,12 @@ def test_ray_build_exits_0_and_writes_the_documented_layout(ray_build, tree):
 
     assert card["resolution"] == [256, 176]
     assert card["build"]["executor"] == "ray" and card["build"]["weights"] == "tiny"
-    assert {f.split("@")[0] for f in card["features"]} == {"openpose", "clip", "keypoints_annotated"}
-    for name in ("openpose", "clip", "keypoints_annotated"):
-        folder = feature_folder(out, name)
+    assert sorted(f["spec"] for f in card["features"].values()) == sorted(DEFAULT_SPECS)
+    for folder_name, feature in card["features"].items():
+        folder = out / "features" / folder_name
         fingerprint = folder.name.split("@")[1]
         assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
-        assert card["features"][folder.name]["fingerprint"] == fingerprint
+        assert feature["fingerprint"] == fingerprint
         assert sorted(p.stem for p in folder.glob("*.tar")) == shards
     assert (feature_folder(out, "clip") / "null.embeds.npy").is_file()
     assert not list(out.rglob(".tmp-*")), "temporary files left behind"
@@ -334,6 +340,33 @@ def test_ray_actors_leave_room_for_decode_and_write(ray_build):
     assert actors and tasks
     held = sum(r["num_cpus"] * r["concurrency"] for r in actors)
     assert held + max(r["num_cpus"] for r in tasks) <= ray_build.cpus
+
+
+def test_every_default_feature_reads_back_with_its_documented_shape_and_dtype(dataset):
+    """Through the column reader and through plain webdataset + np.load, every output of
+    every feature has the dtype the card documents and the shape it promises (H, W, M...)."""
+    from posedata.reader import Dataset
+
+    card = json.loads((dataset / "dataset.json").read_text())
+    height, width = card["resolution"]
+    ds = Dataset(str(dataset))
+    for folder, feature in card["features"].items():
+        column = ds.column(folder)
+        sample = next(ds.samples("train", [folder]))
+        for suffix, promise in feature["outputs"].items():
+            value = sample[f"{column.alias}.{suffix.rsplit('.', 1)[0]}"]
+            assert str(value.dtype) == promise["dtype"], (folder, suffix)
+            expected = [{"H": height, "W": width, "H/4": -(-height // 4), "W/4": -(-width // 4)}.get(d, d) for d in promise["shape"]]
+            assert len(value.shape) == len(expected), (folder, suffix, value.shape, expected)
+            for got, want in zip(value.shape, expected):
+                assert isinstance(want, str) or got == want, (folder, suffix, value.shape, expected)
+        # Plain webdataset reads the same bytes.
+        url = str(dataset / "features" / folder / "train-000000.tar")
+        first = next(iter(wds.WebDataset(url, shardshuffle=False)))
+        for suffix in feature["outputs"]:
+            assert suffix in first, (folder, suffix)
+            if suffix.endswith(".npy"):
+                assert np.load(io.BytesIO(first[suffix]), allow_pickle=False).dtype.str.lstrip("<>|=") in ("f2", "f4", "i4", "u1")
 
 
 def test_every_input_is_in_the_manifest_or_in_rejects_with_a_reason(dataset, tree):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from posedata.extractors import create_extractor
-from posedata.extractors.base import Sample
+from posedata.extractors.base import NOTES, Sample
 from posedata.extractors.openpose import (
     BODY_WEIGHTS_FILE,
     PAF_CHANNELS,
@@ -47,7 +47,7 @@ def test_tiny_on_real_photos(tiny, photos):
     assert len(out) == len(photos)
     assert set(tiny.outputs()) == {"keypoints.npy", "skeleton.png"}
     for result in out:
-        assert set(result) == set(tiny.outputs())
+        assert set(result) == set(tiny.outputs()) | {NOTES}
         kp, skeleton = result["keypoints.npy"], result["skeleton.png"]
         assert kp.shape == (18, 3) and kp.dtype == np.float32
         assert skeleton.shape == (HEIGHT, WIDTH, 3) and skeleton.dtype == np.uint8
@@ -256,3 +256,16 @@ def test_select_person_keeps_highest_total_score():
     kp = select_person(candidate, subset)
     assert np.allclose(kp[:3], [[50, 60, 0.7], [70, 80, 0.6], [30, 40, 0.8]])
     assert not kp[3:].any()
+
+
+def test_pose_notes_name_what_inspect_counts():
+    from posedata.extractors.openpose import pose_notes
+
+    nobody = np.zeros((18, 3), np.float32)
+    assert pose_notes(nobody, people=0) == ["no person"]
+    whole = np.ones((18, 3), np.float32)
+    assert pose_notes(whole, people=1) == []
+    assert pose_notes(whole, people=2) == ["several people (kept the highest-scoring)"]
+    cut_off = whole.copy()
+    cut_off[5:, 2] = 0  # only 5 joints
+    assert pose_notes(cut_off, people=1) == ["fewer than 8 joints (cut off or occluded)"]

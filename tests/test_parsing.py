@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from posedata.extractors.base import ExtractorError, local_weights_digest
+from posedata.extractors.base import NOTES, ExtractorError, local_weights_digest
 from posedata.extractors.parsing import (
     ATR_ID2LABEL,
     ATR_LABELS,
@@ -127,7 +127,8 @@ def test_tiny_outputs_on_real_photos(tiny, photos):
     specs = {spec.suffix: spec for spec in tiny.outputs().values()}
     assert set(specs) == {"labels.png", "classes.npy", "pixels.npy", "boxes.npy"}
     for item in out:
-        assert set(item) == set(specs)
+        assert set(item) == set(specs) | {NOTES}
+        assert item[NOTES] == ([] if len(item["classes.npy"]) else ["only background"])
         labels = item["labels.png"]
         assert labels.shape == STORED and labels.dtype == np.uint8 and labels.max() < 18
         m = len(item["classes.npy"])
@@ -139,7 +140,8 @@ def test_tiny_outputs_on_real_photos(tiny, photos):
             np.testing.assert_array_equal(got, expected)
         assert item["pixels.npy"].sum() + (labels == 0).sum() == STORED[0] * STORED[1]
         # Stored losslessly through the shard codec.
-        for suffix, value in item.items():
+        for suffix in specs:
+            value = item[suffix]
             np.testing.assert_array_equal(decode_output(suffix, encode_output(suffix, value)), value)
 
 

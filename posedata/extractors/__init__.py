@@ -19,43 +19,74 @@ REGISTRY: dict[str, str] = {
     "higherhrnet": "posedata.extractors.higherhrnet:HigherHRNetExtractor",
 }
 
-# What `posedata build` computes when --features is not given.
-DEFAULT_FEATURES = ("openpose", "clip")
+# What `posedata build` computes when --features is not given: every feature that PCDMs
+# (all three stages), IMAGPose, TruePose and RePoseDM consume. A feature spec is a name or
+# `name:preset` (vae:sd21 = SD-2.1-base VAE for PCDMs, vae:sd15 = sd-vae-ft-mse for the
+# SD-1.5 models; dinov2:giant for PCDMs, dinov2:base for IMAGPose).
+DEFAULT_FEATURES = ("openpose", "clip", "vae:sd21", "vae:sd15", "dinov2:giant", "dinov2:base", "parsing", "clip_regions", "higherhrnet")
+
+# `--preset MODEL`: what one model family needs.
+MODEL_PRESETS: dict[str, tuple[str, ...]] = {
+    "pcdm": ("openpose", "clip", "vae:sd21", "dinov2:giant"),
+    "imagpose": ("openpose", "vae:sd15", "dinov2:base"),
+    "truepose": ("openpose", "vae:sd15", "parsing", "clip_regions"),
+    "reposedm": ("openpose", "vae:sd15", "higherhrnet"),
+}
 
 
-def extractor_class(name: str) -> type[Extractor]:
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """`vae:sd15` -> ("vae", "sd15"); `clip` -> ("clip", None)."""
+    name, _, preset = spec.partition(":")
+    return name, (preset or None)
+
+
+def extractor_class(spec: str) -> type[Extractor]:
+    name, _ = parse_spec(spec)
     if name not in REGISTRY:
         raise KeyError(f"unknown feature {name!r}; known: {', '.join(sorted(REGISTRY))}")
     module, cls = REGISTRY[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
-def create_extractor(name: str, upstream: dict[str, str] | None = None, **kwargs) -> Extractor:
-    """Build extractor `name`; `upstream` maps each feature it requires to the folder that
-    feature was read from (it becomes part of the fingerprint)."""
-    extractor = extractor_class(name)(**kwargs)
+def create_extractor(spec: str, upstream: dict[str, str] | None = None, **kwargs) -> Extractor:
+    """Build the extractor for a feature spec; `upstream` maps each feature it requires to
+    the folder that feature was read from (it becomes part of the fingerprint)."""
+    name, preset = parse_spec(spec)
+    cls = extractor_class(name)
+    if preset is not None:
+        presets = getattr(cls, "PRESETS", None)
+        if not presets or preset not in presets:
+            choices = ", ".join(f"{name}:{p}" for p in (presets or {}))
+            raise KeyError(f"feature {name!r} has no preset {preset!r}" + (f"; choose one of {choices}" if choices else ""))
+        kwargs["preset"] = preset
+    extractor = cls(**kwargs)
     if upstream:
         extractor.upstream = dict(upstream)
     return extractor
 
 
-def dependency_order(names: list[str]) -> list[str]:
-    """Order features so each comes after the features it `requires` (declared by the
-    extractor class, not hard-coded here); required features not asked for are added."""
+def dependency_order(specs: list[str]) -> list[str]:
+    """Order feature specs so each comes after the features it `requires` (declared by the
+    extractor class, not hard-coded here); a required feature not asked for is added."""
     ordered: list[str] = []
     visiting: set[str] = set()
 
-    def visit(name: str) -> None:
-        if name in ordered:
+    def visit(spec: str) -> None:
+        if spec in ordered:
             return
-        if name in visiting:
-            raise ValueError(f"feature dependency cycle through {name!r}")
-        visiting.add(name)
-        for dep in extractor_class(name).requires:
-            visit(dep)
-        visiting.discard(name)
-        ordered.append(name)
+        if spec in visiting:
+            raise ValueError(f"feature dependency cycle through {spec!r}")
+        visiting.add(spec)
+        for dep in extractor_class(spec).requires:
+            visit(provider(dep, specs))
+        visiting.discard(spec)
+        ordered.append(spec)
 
-    for n in names:
-        visit(n)
+    for spec in specs:
+        visit(spec)
     return ordered
+
+
+def provider(name: str, specs: list[str]) -> str:
+    """The spec in `specs` that provides feature `name` (the first one), else `name` itself."""
+    return next((s for s in specs if parse_spec(s)[0] == name), name)

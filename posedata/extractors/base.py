@@ -18,6 +18,12 @@ import numpy as np
 
 WEIGHTS_MODES = ("pretrained", "random", "tiny")
 
+# Key of the optional per-sample notes in an extractor's result dict.
+NOTES = "__notes__"
+
+# Below this many detected joints a person counts as partly out of frame / occluded.
+FEW_JOINTS = 8
+
 
 @dataclass(frozen=True)
 class OutputSpec:
@@ -133,7 +139,9 @@ class Extractor:
         self.device = device
 
     def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
-        """One dict per sample, keyed by output suffix (`"keypoints.npy"`, `"skeleton.png"`)."""
+        """One dict per sample, keyed by output suffix (`"keypoints.npy"`, `"skeleton.png"`).
+        A result may also carry `NOTES`: a list of short notes about that sample ("no person",
+        "several people") that the build counts and `posedata inspect` shows."""
         raise NotImplementedError
 
     def null_embedding(self) -> dict[str, np.ndarray] | None:
@@ -145,6 +153,7 @@ class Extractor:
         """What the dataset card records about this feature."""
         return {
             "name": self.name,
+            "preset": getattr(self, "preset", None),
             "fingerprint": self.fingerprint(),
             "folder": self.folder,
             "weights": self.weights,
@@ -162,12 +171,21 @@ class Extractor:
 def torch_dtype(name: str):
     import torch
 
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    # fp8 storage computes in fp16; the per-tensor fp8 packing happens when the output is stored
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp8": torch.float16}[name]
 
 
 def numpy_store_dtype(name: str) -> np.dtype:
-    """numpy has no bfloat16: bf16 features are stored as float32 .npy after bf16 rounding."""
-    return {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32), "bf16": np.dtype(np.float32)}[name]
+    """The numpy dtype an extractor returns float outputs in. numpy has no bfloat16 or fp8:
+    for those the extractor returns float32 (bf16-rounded for bf16) and the build packs them
+    (`posedata.storage`: bf16 as uint16 bits, fp8 as e4m3 bits + a per-tensor scale)."""
+    return {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32), "bf16": np.dtype(np.float32), "fp8": np.dtype(np.float32)}[name]
+
+
+def stored_dtype_label(name: str) -> str:
+    """What the card says a float output is stored as; outputs declared with this label
+    follow the dataset's --dtype (the build packs bf16 and fp8 ones)."""
+    return {"fp16": "float16", "fp32": "float32", "bf16": "bfloat16", "fp8": "float8_e4m3fn"}[name]
 
 
 def local_weights_digest(model: str) -> str | None:

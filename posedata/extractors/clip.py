@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from posedata.extractors.base import (
+    stored_dtype_label,
     Extractor,
     ExtractorError,
     OutputSpec,
@@ -152,7 +153,7 @@ class ClipExtractor(Extractor):
         return {
             "embeds": OutputSpec(
                 "embeds.npy",
-                str(numpy_store_dtype(self.dtype)),
+                stored_dtype_label(self.dtype),
                 (self.embed_dim(),),
                 "CLIPVisionModelWithProjection image_embeds (PCDMs preprocessing: square resize, CLIP processor)",
             )

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import Extractor, ExtractorError, OutputSpec, Sample, numpy_store_dtype
+from posedata.extractors.base import NOTES, Extractor, ExtractorError, OutputSpec, Sample, numpy_store_dtype, stored_dtype_label
 from posedata.extractors.clip import PROCESSOR_DEFAULTS, SQUARE_SIZE, ClipExtractor
 
 CROP_RULES = ("resize", "pad")
@@ -97,7 +97,7 @@ class ClipRegionsExtractor(Extractor):
         return {
             "embeds": OutputSpec(
                 "embeds.npy",
-                str(numpy_store_dtype(self.dtype)),
+                stored_dtype_label(self.dtype),
                 ("M", self.embed_dim()),
                 "CLIP image_embeds of the box around each parsing class (clip feature's preprocessing)",
             ),
@@ -163,7 +163,7 @@ class ClipRegionsExtractor(Extractor):
         out, start = [], 0
         for classes, _ in regions:
             stop = start + len(classes)
-            out.append({"embeds.npy": embeds[start:stop], "classes.npy": classes})
+            out.append({"embeds.npy": embeds[start:stop], "classes.npy": classes, NOTES: [] if len(classes) else ["no regions"]})
             start = stop
         return out
 

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posedata.extractors.base import (
+    stored_dtype_label,
     Extractor,
     ExtractorError,
     OutputSpec,
@@ -188,7 +189,7 @@ class Dinov2Extractor(Extractor):
         return {
             "tokens": OutputSpec(
                 "tokens.npy",
-                str(numpy_store_dtype(self.dtype)),
+                stored_dtype_label(self.dtype),
                 (self.token_count(), self.hidden_size()),
                 "Dinov2Model last_hidden_state, CLS first (PCDMs preprocessing: square resize, CLIP processor)",
             )

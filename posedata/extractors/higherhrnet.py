@@ -70,6 +70,9 @@ from typing import Any
 import numpy as np
 
 from posedata.extractors.base import (
+    stored_dtype_label,
+    FEW_JOINTS,
+    NOTES,
     Extractor,
     ExtractorError,
     OutputSpec,
@@ -195,7 +198,7 @@ class HigherHRNetExtractor(Extractor):
             ),
             "pose_features.npy": OutputSpec(
                 "pose_features.npy",
-                str(numpy_store_dtype(self.dtype)),
+                stored_dtype_label(self.dtype),
                 (FEATURE_CHANNELS, "H/4", "W/4"),
                 "HRNet stage-4 highest-resolution branch (= 1/4 heatmap-head input) of the image's "
                 "own OpenPose-style skeleton render (coco17_to_coco18 + draw_openpose)",
@@ -359,6 +362,7 @@ class HigherHRNetExtractor(Extractor):
                 results[i] = {
                     "keypoints.npy": keypoints[row],
                     "pose_features.npy": _round_to(features[row], self.dtype).astype(store),
+                    NOTES: _pose_notes(keypoints[row]),
                 }
         return results  # type: ignore[return-value]
 
@@ -370,3 +374,10 @@ def _round_to(array: np.ndarray, dtype: str) -> np.ndarray:
     import torch
 
     return torch.from_numpy(array).to(torch.bfloat16).float().numpy()
+
+
+def _pose_notes(keypoints: np.ndarray) -> list[str]:
+    present = int((keypoints[:, 2] > 0).sum())
+    if present == 0:
+        return ["no person"]
+    return [f"fewer than {FEW_JOINTS} joints (cut off or occluded)"] if present < FEW_JOINTS else []

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import Extractor, ExtractorError, OutputSpec, Sample
+from posedata.extractors.base import NOTES, Extractor, ExtractorError, OutputSpec, Sample
 
 NUM_JOINTS = 18  # COCO-18 (OpenPose body) order, as DESIGN.md §4
 
@@ -84,7 +84,11 @@ class AnnotatedKeypoints(Extractor):
         super().setup("cpu")
 
     def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
-        return [{"keypoints.npy": self.keypoints_for(sample)} for sample in batch]
+        results = []
+        for sample in batch:
+            keypoints = self.keypoints_for(sample)
+            results.append({"keypoints.npy": keypoints, NOTES: [] if keypoints[:, 2].any() else ["no annotated keypoints"]})
+        return results
 
     def keypoints_for(self, sample: Sample) -> np.ndarray:
         """[18, 3] float32 keypoints of one sample, in stored-image pixels."""

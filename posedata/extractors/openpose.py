@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import Extractor, ExtractorError, OutputSpec, Sample
+from posedata.extractors.base import FEW_JOINTS, NOTES, Extractor, ExtractorError, OutputSpec, Sample
 from posedata.render import (
     COCO18_NAMES,
     JOINT_RADIUS,
@@ -210,6 +210,17 @@ def decode_network_outputs(
     # Body only uses the image for its size (it re-runs the resize and pad to feed the model).
     candidate, subset = body(np.zeros((height, width, 3), dtype=np.uint8))
     return np.asarray(candidate, dtype=np.float64).reshape(-1, 4), np.asarray(subset, dtype=np.float64).reshape(-1, 20)
+
+
+def pose_notes(keypoints: np.ndarray, people: int) -> list[str]:
+    """What a person looking at the dataset would want counted about one detection."""
+    present = int((keypoints[:, 2] > 0).sum())
+    if people == 0 or present == 0:
+        return ["no person"]
+    notes = ["several people (kept the highest-scoring)"] if people > 1 else []
+    if present < FEW_JOINTS:
+        notes.append(f"fewer than {FEW_JOINTS} joints (cut off or occluded)")
+    return notes
 
 
 def select_person(candidate: np.ndarray, subset: np.ndarray) -> np.ndarray:
@@ -395,6 +406,7 @@ class OpenPoseExtractor(Extractor):
                 results[i] = {
                     "keypoints.npy": keypoints,
                     "skeleton.png": draw_openpose(keypoints, height, width),
+                    NOTES: pose_notes(keypoints, people=len(subset)),
                 }
         return results  # type: ignore[return-value]
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import Extractor, ExtractorError, OutputSpec, Sample, torch_dtype
+from posedata.extractors.base import NOTES, Extractor, ExtractorError, OutputSpec, Sample, torch_dtype
 
 # Our label ids (index) and names: SCHP's ATR list, lower-cased.
 ATR_LABELS: tuple[str, ...] = (
@@ -314,7 +314,7 @@ class ParsingExtractor(Extractor):
         out = []
         for labels in self.label_maps([sample["image"] for sample in batch]):
             classes, pixels, boxes = regions_from_labels(labels)
-            out.append({"labels.png": labels, "classes.npy": classes, "pixels.npy": pixels, "boxes.npy": boxes})
+            out.append({"labels.png": labels, "classes.npy": classes, "pixels.npy": pixels, "boxes.npy": boxes, NOTES: [] if len(classes) else ["only background"]})
         return out
 
 

@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posedata.extractors.base import (
+    stored_dtype_label,
     Extractor,
     ExtractorError,
     OutputSpec,
@@ -221,7 +222,7 @@ class VaeExtractor(Extractor):
         return (self.latent_channels(), height // factor, width // factor)
 
     def outputs(self) -> dict[str, OutputSpec]:
-        dtype = str(numpy_store_dtype(self.dtype))
+        dtype = stored_dtype_label(self.dtype)
         shape = self.latent_shape()
         specs = {
             "mean": OutputSpec("mean.npy", dtype, shape, "VAE posterior mean (latent_dist.mean), unscaled"),
