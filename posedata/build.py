@@ -30,6 +30,7 @@ from posedata.images import ImageRejected, decode_image, encode_jpeg, resize
 from posedata.layout import CARD, MANIFEST, REJECTS, DatasetLocation
 from posedata.plan import ShardTask, plan_shards
 from posedata.records import STAGE_DECODE, SourceScan
+from posedata.extend import FEATURE_CARD, record_features
 from posedata.pipeline import Job, StageSpec, output_suffixes, run_locally, run_with_ray
 from posedata.shards import MANIFEST_SCHEMA, REJECTS_SCHEMA, write_shard
 
@@ -296,7 +297,10 @@ def finalize(plan: BuildPlan, location: DatasetLocation, started: float) -> dict
         "rejects_by_reason": dict(sorted(reasons.items())),
         "build": {"shard_size": plan.config.shard_size, "weights": plan.config.weights, "dtype": plan.config.dtype, "executor": plan.config.executor, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
+    for folder, feature in features.items():
+        location.write_json(location.path("features", folder, FEATURE_CARD), feature)
     location.write_json(location.path(CARD), card)  # last: its presence means "complete"
+    record_features(location)  # keep features that `posedata extend` added since
     return {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects), "rejects_by_reason": card["rejects_by_reason"], "seconds": elapsed, "splits": {s: v["samples"] for s, v in splits.items()}, "out": location.url}
 
 

@@ -150,6 +150,39 @@ def build_folder(group_regex, test_fraction, split_seed, **kw) -> None:
     _run_build("folder", {"group_regex": group_regex, "test_fraction": test_fraction, "seed": split_seed}, **kw)
 
 
+@main.command()
+@click.argument("url")
+@click.option("--features", default=None, help="Comma-separated feature specs to add, e.g. dinov2,parsing or vae:sd15.")
+@click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)), default=None, help="Add what one model family needs.")
+@click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True)
+@click.option("--model", "models", multiple=True, help="FEATURE=HUB_ID_OR_DIR: override a feature's pretrained model.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default=None, help="Storage dtype (default: the dataset's).")
+@click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
+@click.option("--address", default=None, help="Join a running Ray cluster.")
+@click.option("--workers", type=int, default=None, help="Actors per extractor when running on CPU.")
+@click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor.")
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
+def extend(url, features, preset, models, batch_sizes, storage_options, **kw) -> None:
+    """Add features to a finished dataset (local or in a bucket) without touching what is there."""
+    from posedata.extend import ExtendConfig, ExtendError, extend as run_extend
+
+    specs = _feature_specs(features, preset)
+    if not specs:
+        raise click.BadParameter("name the features to add with --features or --preset")
+    config = ExtendConfig(
+        url=url,
+        features=specs,
+        models=parse_assignments(models, "FEATURE=HUB_ID_OR_DIR"),
+        batch_sizes={k: int(v) for k, v in parse_assignments(batch_sizes, "FEATURE=N").items()},
+        storage_options=parse_storage_options(storage_options),
+        **kw,
+    )
+    try:
+        run_extend(config, echo=click.echo)
+    except (ExtendError, FileNotFoundError, KeyError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+
+
 # ---- looking at it ----------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+import numpy as np
 
 CARD = "dataset.json"
 MANIFEST = "manifest.parquet"
@@ -113,10 +114,14 @@ class DatasetLocation:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        # Synchronous on purpose: with pre-buffering, arrow's I/O threads release the reader
-        # after read_table returns and can do so during interpreter shutdown, which aborts
-        # the process ("terminate called without an active exception"). Our tables are small.
-        return pq.read_table(pa.BufferReader(self.read_bytes(path)), use_threads=False, pre_buffer=False)
+        # Read from arrow-owned memory with the synchronous ParquetFile reader. Reading from
+        # a Python buffer, arrow's I/O threads may release it (taking the GIL) while the
+        # interpreter shuts down, which aborts the process ("terminate called without an
+        # active exception"). Our tables are small.
+        data = self.read_bytes(path)
+        buffer = pa.allocate_buffer(len(data))
+        np.frombuffer(buffer, dtype=np.uint8)[:] = np.frombuffer(data, dtype=np.uint8)
+        return pq.ParquetFile(pa.BufferReader(buffer), pre_buffer=False).read(use_threads=False)
 
     def glob(self, pattern: str) -> list[str]:
         return sorted(self.fs.glob(self.path(pattern)))
