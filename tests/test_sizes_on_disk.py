@@ -1,0 +1,43 @@
+"""The bytes-per-sample table (README, bench/storage_dtypes.py) against real files: a sidecar
+is exactly 512-byte tar headers plus each .npy padded to 512, plus the end of the archive."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from posedata.cli import main as cli
+from posedata.reader import Dataset
+from posedata.storage import stored_nbytes
+
+BLOCK = 512
+
+
+def padded(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp8"])
+def test_sidecar_bytes_match_the_formula(tmp_path: Path, fixtures_dir: Path, dtype: str):
+    out = tmp_path / "ds"
+    result = CliRunner().invoke(cli, ["build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", "64x48", "--weights", "tiny", "--executor", "local", "--features", "clip,vae:sd21", "--dtype", dtype])
+    assert result.exit_code == 0, result.output
+    ds = Dataset(str(out))
+    n = ds.card["counts"]["written"]
+    for spec, shape_of in (("clip", lambda s: tuple(s["clip.embeds"].shape)), ("vae:sd21", lambda s: tuple(s["vae.mean"].shape))):
+        column = ds.column(spec)
+        sample = next(ds.samples("train", [spec]))
+        members = [suffix for suffix in column.suffixes]
+        per_sample = sum(BLOCK + padded(stored_nbytes(shape_of(sample), dtype, bf16_layout="bits")) for _ in members)
+        tar = out / "features" / column.folder / "train-000000.tar"
+        with tarfile.open(tar) as t:
+            assert len(t.getmembers()) == n * len(members)
+            # the members' own sizes equal the formula's .npy sizes
+            assert {m.size for m in t.getmembers()} == {stored_nbytes(shape_of(sample), dtype, bf16_layout="bits")}
+        archive_end = tar.stat().st_size - n * per_sample
+        assert 2 * BLOCK <= archive_end <= 20 * BLOCK, (spec, dtype, tar.stat().st_size, n * per_sample)
+        assert str(np.asarray(sample[f"{column.alias}.{members[0].rsplit('.', 1)[0]}"]).dtype) == ("float16" if dtype == "fp16" else "float32")
