@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -232,7 +233,8 @@ def cpu_budget(cpus: int, uses_model: list[bool], actors_per_stage: int) -> list
     available = max(0.2, cpus - 2 * TASK_CPUS - light)
     # Up to half the machine for the models; decode keeps the rest busy feeding them.
     per_actor = min(available / heavy_actors, max(1.0, cpus / (2 * heavy_actors))) if heavy_actors else 0.0
-    return [round(per_actor, 3) if m else LIGHT_ACTOR_CPUS for m in uses_model]
+    per_actor = math.floor(per_actor * 1000) / 1000  # round down: the sum must stay in budget
+    return [per_actor if m else LIGHT_ACTOR_CPUS for m in uses_model]
 
 
 class _ActorAdapter:
