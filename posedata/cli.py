@@ -201,6 +201,22 @@ def inspect(url: str, storage_options: str | None) -> None:
 
 @main.command()
 @click.argument("url")
+@click.option("--features", default=None, help="Comma-separated features to check: name, name:preset or name@fingerprint (default: every feature of the card).")
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
+def verify(url: str, features: str | None, storage_options: str | None) -> None:
+    """Re-read every shard and sidecar and check keys, counts, fingerprints and every array
+    against the manifest and the card; print what is wrong, by file, shard and key (exit code 1)."""
+    from posedata.verify import format_report, verify as run_verify
+
+    specs = [f.strip() for f in features.split(",") if f.strip()] if features else None
+    report = run_verify(url, parse_storage_options(storage_options), features=specs)
+    click.echo(format_report(report))
+    if not report.ok:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.argument("url")
 @click.option("--out", required=True, help="PNG file to write.")
 @click.option("-n", "--count", default=8, show_default=True, help="Samples to show.")
 @click.option("--split", default=None, help="Split to show (default: the first).")
@@ -237,6 +253,7 @@ def show(url: str, out: str, count: int, split: str | None, storage_options: str
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--overwrite", is_flag=True, help="Delete the run directory first and start over.")
+@click.option("--skip-corrupt-shards", "skip_corrupt", is_flag=True, help="Skip shards that cannot be read (corrupt, truncated, missing, keys out of line) with a warning naming each, instead of stopping.")
 @click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
 def train(plugin, shards, out, storage_options, resume, **kw) -> None:
     """Train a plugin from precomputed features, e.g. `posedata train pcdm-prior --shards URL --out DIR`."""

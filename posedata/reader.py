@@ -13,6 +13,7 @@ images or the DINOv2 tokens.
 from __future__ import annotations
 
 import collections
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,6 +26,9 @@ from posedata.layout import MANIFEST, DatasetLocation
 from posedata.shards import decode_array, decode_output
 
 BASE = "__base__"  # pseudo feature: the base shard (image + meta)
+ON_CORRUPT = ("raise", "skip")
+
+log = logging.getLogger("posedata.reader")
 
 
 class ShardError(RuntimeError):
@@ -188,6 +192,16 @@ class PairStream:
 
     When there are fewer shards than consumers, every consumer reads every shard and keeps
     every n-th pair instead, so no worker sits idle on a small dataset.
+
+    `on_corrupt`: what a `ShardError` (a missing, corrupt or truncated shard or sidecar, keys
+    that do not line up with the manifest) does. "raise" (default): stop with the error, which
+    names the file and the shard. "skip": log a warning naming the shard and the error (once
+    per shard, however many epochs), add it to `skipped` / `skipped_shards` and go on with the
+    next shard. A shard is read whole before its pairs are formed, so a shard with an error
+    anywhere yields no pairs at all. With DataLoader workers each worker counts the shards it
+    skipped in its own copy of the stream (the warning is what the user sees). If every shard
+    a consumer reads in one epoch is skipped, it raises anyway rather than loop forever on
+    nothing.
     """
 
     def __init__(
@@ -201,7 +215,12 @@ class PairStream:
         epochs: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        on_corrupt: str = "raise",
     ):
+        if on_corrupt not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
+        self.on_corrupt = on_corrupt
+        self.skipped: set[str] = set()  # shards skipped as unreadable (on_corrupt="skip")
         self.dataset = dataset
         self.split = split
         self.columns = [dataset.column(n) for n in needs]
@@ -221,6 +240,11 @@ class PairStream:
         self.shards = [s for s in dataset.shards(split) if self.pairs_by_shard.get(s)]
         if not self.shards:
             raise ValueError(f"{dataset.location.url}: split {split!r} has no pairs inside one shard")
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many shards this stream (in this process) skipped as unreadable."""
+        return len(self.skipped)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.pairs_by_shard.values())
@@ -247,8 +271,20 @@ class PairStream:
             epoch += 1
 
     def _pairs(self, shards: list[str], pair_slice: tuple[int, int], rng: random.Random) -> Iterator[dict[str, Any]]:
+        skipped = 0
         for shard in shards:
-            samples = {s["__key__"]: s for s in self.dataset.read_shard(shard, self.columns, self.pixels)}
+            try:
+                samples = {s["__key__"]: s for s in self.dataset.read_shard(shard, self.columns, self.pixels)}
+            except ShardError as e:
+                if self.on_corrupt != "skip":
+                    raise
+                skipped += 1
+                if shard not in self.skipped:  # warn once per shard, not every epoch
+                    self.skipped.add(shard)
+                    log.warning("skipping shard %s (%d skipped so far): %s", shard, self.skipped_shards, e)
+                if skipped == len(shards):
+                    raise ShardError(f"{self.dataset.location.url}: all {len(shards)} shards of split {self.split!r} this reader reads are unreadable; the last: {e}") from e
+                continue
             pairs = split_for_consumer(self.pairs_by_shard[shard], *pair_slice)
             pairs = list(pairs)
             rng.shuffle(pairs)

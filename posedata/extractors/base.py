@@ -62,6 +62,14 @@ class ExtractorError(RuntimeError):
     """Raised by an extractor for one image it cannot process; the build rejects that image."""
 
 
+def checked_image(sample: Sample, feature: str) -> np.ndarray:
+    """The sample's image, which every extractor expects as uint8 [H, W, 3] RGB."""
+    image = sample["image"]
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
+        raise ExtractorError(f"{feature}: {sample.get('key', '?')}: expected uint8 [H, W, 3], got {getattr(image, 'dtype', type(image).__name__)} {getattr(image, 'shape', '')}")
+    return image
+
+
 class Extractor:
     """Base class. Subclasses set the class attributes and implement the four methods.
 

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from posedata.extractors.base import (
+    checked_image,
     stored_dtype_label,
     Extractor,
-    ExtractorError,
     OutputSpec,
     Sample,
     numpy_store_dtype,
@@ -103,6 +103,8 @@ class ClipExtractor(Extractor):
     name = "clip"
     version = "1"
     default_model = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    model_output = "image_embeds"  # the attribute of the model's output that is stored
+    output_suffix = "embeds.npy"
     batch_size = 64
     # ViT-H/14 is ~1.3 GB in fp16: two actors fit on one GPU.
     gpu_share = 0.5
@@ -235,32 +237,28 @@ class ClipExtractor(Extractor):
     # ---- extraction -------------------------------------------------------------------------
 
     def encode_pixels(self, pixel_values) -> np.ndarray:
-        """Normalised pixels [N, 3, 224, 224] -> image_embeds [N, D] in the stored dtype."""
+        """Normalised pixels [N, 3, 224, 224] -> the model's `model_output` (image_embeds
+        [N, D] here) in the stored dtype."""
         import torch
 
         if self._model is None:
-            raise RuntimeError("ClipExtractor.setup(device) must be called before encoding")
+            raise RuntimeError(f"{type(self).__name__}.setup(device) must be called before encoding")
         with torch.inference_mode():
             pixels = pixel_values.to(device=self.device, dtype=self._compute_dtype)
-            embeds = self._model(pixel_values=pixels).image_embeds
+            values = getattr(self._model(pixel_values=pixels), self.model_output)
             # Round to the dataset dtype first (bf16 is then stored as float32).
-            embeds = embeds.to(torch_dtype(self.dtype)).float().cpu().numpy()
-        return embeds.astype(numpy_store_dtype(self.dtype))
+            values = values.to(torch_dtype(self.dtype)).float().cpu().numpy()
+        return values.astype(numpy_store_dtype(self.dtype))
 
     def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
         if not batch:
             return []
-        for sample in batch:
-            image = sample["image"]
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-                shape = getattr(image, "shape", None)
-                raise ExtractorError(f"clip: {sample.get('key', '?')}: expected uint8 [H, W, 3], got {shape}")
-        embeds = self.encode_pixels(self.preprocess([sample["image"] for sample in batch]))
-        return [{"embeds.npy": row} for row in embeds]
+        images = [checked_image(sample, self.name) for sample in batch]
+        return [{self.output_suffix: row} for row in self.encode_pixels(self.preprocess(images))]
 
     def null_embedding(self) -> dict[str, np.ndarray]:
         import torch
 
         crop = PROCESSOR_DEFAULTS["crop_size"]
         zeros = torch.zeros(1, 3, crop["height"], crop["width"])
-        return {"embeds.npy": self.encode_pixels(zeros)[0]}
+        return {self.output_suffix: self.encode_pixels(zeros)[0]}

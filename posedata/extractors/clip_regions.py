@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import NOTES, Extractor, ExtractorError, OutputSpec, Sample, numpy_store_dtype, stored_dtype_label
+from posedata.extractors.base import checked_image, NOTES, Extractor, ExtractorError, OutputSpec, Sample, numpy_store_dtype, stored_dtype_label
 from posedata.extractors.clip import PROCESSOR_DEFAULTS, SQUARE_SIZE, ClipExtractor
 
 CROP_RULES = ("resize", "pad")
@@ -128,9 +128,7 @@ class ClipRegionsExtractor(Extractor):
         """(classes int32 [M], boxes int32 [M, 4]) from the sample's parsing outputs, checked
         against the image."""
         key = sample.get("key", "?")
-        image = sample["image"]
-        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-            raise ExtractorError(f"clip_regions: {key}: expected uint8 [H, W, 3], got {getattr(image, 'shape', None)}")
+        image = checked_image(sample, self.name)
         parsing = sample.get("parsing")
         if not parsing or "classes.npy" not in parsing or "boxes.npy" not in parsing:
             raise ExtractorError(f"clip_regions: {key}: no parsing classes.npy / boxes.npy in the sample")

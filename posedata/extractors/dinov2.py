@@ -34,15 +34,11 @@ import os
 import types
 from typing import Any, ClassVar
 
-import numpy as np
 
 from posedata.extractors.base import (
     stored_dtype_label,
     Extractor,
-    ExtractorError,
     OutputSpec,
-    Sample,
-    numpy_store_dtype,
     torch_dtype,
 )
 from posedata.extractors.clip import (
@@ -115,6 +111,12 @@ class Dinov2Extractor(Extractor):
     build_processor = ClipExtractor.build_processor
     preprocess = ClipExtractor.preprocess
     preprocessing = ClipExtractor.preprocessing
+    # Same encoding path as CLIP, storing last_hidden_state instead of image_embeds.
+    model_output = "last_hidden_state"
+    output_suffix = "tokens.npy"
+    encode_pixels = ClipExtractor.encode_pixels
+    __call__ = ClipExtractor.__call__
+    null_embedding = ClipExtractor.null_embedding
 
     def __init__(
         self,
@@ -248,37 +250,6 @@ class Dinov2Extractor(Extractor):
         self._processor = self.build_processor()
 
     # ---- extraction -------------------------------------------------------------------------
-
-    def encode_pixels(self, pixel_values) -> np.ndarray:
-        """Normalised pixels [N, 3, 224, 224] -> last_hidden_state [N, 257, C] in the stored dtype."""
-        import torch
-
-        if self._model is None:
-            raise RuntimeError("Dinov2Extractor.setup(device) must be called before encoding")
-        with torch.inference_mode():
-            pixels = pixel_values.to(device=self.device, dtype=self._compute_dtype)
-            tokens = self._model(pixel_values=pixels).last_hidden_state
-            # Round to the dataset dtype first (bf16 is then stored as float32).
-            tokens = tokens.to(torch_dtype(self.dtype)).float().cpu().numpy()
-        return tokens.astype(numpy_store_dtype(self.dtype))
-
-    def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
-        if not batch:
-            return []
-        for sample in batch:
-            image = sample["image"]
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-                shape = getattr(image, "shape", None)
-                raise ExtractorError(f"dinov2: {sample.get('key', '?')}: expected uint8 [H, W, 3], got {shape}")
-        tokens = self.encode_pixels(self.preprocess([sample["image"] for sample in batch]))
-        return [{"tokens.npy": row} for row in tokens]
-
-    def null_embedding(self) -> dict[str, np.ndarray]:
-        import torch
-
-        crop = PROCESSOR_DEFAULTS["crop_size"]
-        zeros = torch.zeros(1, 3, crop["height"], crop["width"])
-        return {"tokens.npy": self.encode_pixels(zeros)[0]}
 
 
 def legacy_interpolate_pos_encoding(self, embeddings, height: int, width: int):

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from posedata.extractors.base import (
+    checked_image,
     stored_dtype_label,
     FEW_JOINTS,
     NOTES,
@@ -339,12 +340,7 @@ class HigherHRNetExtractor(Extractor):
             return self.net.pose_features(x).float().cpu().numpy()
 
     def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
-        images = []
-        for sample in batch:
-            image = np.asarray(sample["image"])
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ExtractorError(f"{sample.get('key')}: expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
-            images.append(image)
+        images = [checked_image(sample, self.name) for sample in batch]
 
         store = numpy_store_dtype(self.dtype)
         results: list[dict[str, np.ndarray] | None] = [None] * len(images)

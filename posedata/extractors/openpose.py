@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import FEW_JOINTS, NOTES, Extractor, ExtractorError, OutputSpec, Sample
+from posedata.extractors.base import checked_image, FEW_JOINTS, NOTES, Extractor, OutputSpec, Sample
 from posedata.render import (
     COCO18_NAMES,
     JOINT_RADIUS,
@@ -384,12 +384,7 @@ class OpenPoseExtractor(Extractor):
         return paf.float().cpu().numpy(), heatmap.float().cpu().numpy()
 
     def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
-        images = []
-        for sample in batch:
-            image = np.asarray(sample["image"])
-            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-                raise ExtractorError(f"{sample.get('key')}: expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
-            images.append(image)
+        images = [checked_image(sample, self.name) for sample in batch]
 
         # One forward per image size (all images share the stored resolution in a build).
         results: list[dict[str, np.ndarray] | None] = [None] * len(images)

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import NOTES, Extractor, ExtractorError, OutputSpec, Sample, torch_dtype
+from posedata.extractors.base import checked_image, NOTES, Extractor, OutputSpec, Sample, torch_dtype
 
 # Our label ids (index) and names: SCHP's ATR list, lower-cased.
 ATR_LABELS: tuple[str, ...] = (
@@ -306,13 +306,9 @@ class ParsingExtractor(Extractor):
     def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
         if not batch:
             return []
-        for sample in batch:
-            image = sample["image"]
-            if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-                shape = getattr(image, "shape", None)
-                raise ExtractorError(f"parsing: {sample.get('key', '?')}: expected uint8 [H, W, 3], got {shape}")
+        images = [checked_image(sample, self.name) for sample in batch]
         out = []
-        for labels in self.label_maps([sample["image"] for sample in batch]):
+        for labels in self.label_maps(images):
             classes, pixels, boxes = regions_from_labels(labels)
             out.append({"labels.png": labels, "classes.npy": classes, "pixels.npy": pixels, "boxes.npy": boxes, NOTES: [] if len(classes) else ["only background"]})
         return out

@@ -49,6 +49,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posedata.extractors.base import (
+    checked_image,
     stored_dtype_label,
     Extractor,
     ExtractorError,
@@ -341,9 +342,7 @@ class VaeExtractor(Extractor):
         return dist.mean.float(), dist.std.float()
 
     def _check(self, sample: Sample) -> np.ndarray:
-        image = sample["image"]
-        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3):
-            raise ExtractorError(f"vae: {sample.get('key', '?')}: expected uint8 [H, W, 3], got {getattr(image, 'shape', None)}")
+        image = checked_image(sample, self.name)
         if tuple(image.shape[:2]) != tuple(int(side) for side in self.resolution):
             raise ExtractorError(
                 f"vae: {sample.get('key', '?')}: image is {image.shape[0]}x{image.shape[1]}, "

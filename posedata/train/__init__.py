@@ -8,6 +8,8 @@ from posedata.train.plugin import Plugin
 
 REGISTRY: dict[str, str] = {
     "pcdm-prior": "posedata.train.pcdm_prior:PcdmPriorPlugin",
+    "pcdm-inpaint": "posedata.train.pcdm_inpaint:PcdmInpaintPlugin",
+    "pcdm-refine": "posedata.train.pcdm_refine:PcdmRefinePlugin",
 }
 
 

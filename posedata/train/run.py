@@ -29,13 +29,14 @@ def load_null_embeddings(dataset: Dataset, plugin: Plugin) -> dict[str, np.ndarr
     return nulls
 
 
-def batches_factory(dataset: Dataset, plugin: Plugin, split: str, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1):
+def batches_factory(dataset: Dataset, plugin: Plugin, split: str, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1, on_corrupt: str = "raise"):
     """factory(start, seed): batches of the pair stream for `seed`, from batch `start` on.
     Resuming replays the stream's order and skips what was consumed, so the data position
-    is exact (cheap for feature-only plugins: no pixels are decoded)."""
+    is exact (cheap for feature-only plugins: no pixels are decoded). `on_corrupt="skip"`
+    skips unreadable shards with a warning (see `PairStream`)."""
 
     def factory(start: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        stream = PairStream(dataset, split, plugin.needs, pixels=plugin.needs_pixels, seed=seed, rank=rank, world_size=world_size)
+        stream = PairStream(dataset, split, plugin.needs, pixels=plugin.needs_pixels, seed=seed, rank=rank, world_size=world_size, on_corrupt=on_corrupt)
         loader = torch.utils.data.DataLoader(
             torch_pairs(stream),
             batch_size=batch_size,
@@ -60,8 +61,11 @@ def run_training(
     num_workers: int = 0,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
+    skip_corrupt: bool = False,
     **train_options: Any,
 ) -> dict[str, Any]:
+    """`skip_corrupt`: skip shards that cannot be read (corrupt, truncated, missing, keys
+    out of line) with a warning naming each, instead of stopping at the first."""
     if overwrite and os.path.isdir(out):
         shutil.rmtree(out)
     dataset = Dataset(shards, storage_options)
@@ -69,7 +73,7 @@ def run_training(
     batch_size = batch_size or plugin.defaults.batch_size
     return train(
         plugin,
-        batches_factory(dataset, plugin, split, batch_size, num_workers),
+        batches_factory(dataset, plugin, split, batch_size, num_workers, on_corrupt="skip" if skip_corrupt else "raise"),
         out,
         batch_size=batch_size,
         null_embeddings=load_null_embeddings(dataset, plugin),
