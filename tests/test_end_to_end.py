@@ -726,3 +726,9 @@ def test_market1501_build_rejects_junk_and_pairs_within_person_ids(fixtures_dir,
     assert card["splits"]["train"]["pairs_origin"].startswith("generated")
     (sample,) = tar_samples(out / "shards" / "test-000000.tar")[:1]
     assert Image.open(io.BytesIO(sample["jpg"])).size == (64, 128)
+
+
+def test_verify_finds_nothing_wrong_in_the_ray_build(dataset):
+    result = invoke("verify", str(dataset))
+    assert result.exit_code == 0, result.output
+    assert ": OK (" in result.output
