@@ -187,7 +187,7 @@ def tiny_sd_unet(cross_attention_dim: int = D) -> UNet2DConditionModel:
 
 
 def test_pretrained_path_widens_conv_in(data, tmp_path):
-    ds, _, pairs = data
+    ds, _, _ = data
     sd = tiny_sd_unet()
     sd.save_pretrained(tmp_path / "sd" / "unet")  # an SD pipeline directory's layout
     plugin = PcdmInpaintPlugin(ds.card, weights="pretrained", model=str(tmp_path / "sd"))
@@ -220,6 +220,10 @@ def test_pretrained_path_widens_conv_in(data, tmp_path):
         PcdmInpaintPlugin(ds.card, weights="pretrained", model=str(tmp_path / "wide")).build_model()
 
 
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def test_paper_size_on_meta_device():
     card = {"resolution": [512, 352], "features": {
         "vae@a": {"name": "vae", "preset": "sd21", "scaling_factor": 0.18215, "outputs": {"mean.npy": {"shape": [4, 64, 44]}}},
@@ -228,7 +232,6 @@ def test_paper_size_on_meta_device():
     with torch.device("meta"):
         base = UNet2DConditionModel(**SD21_UNET_CONFIG)
         model = PcdmInpaintPlugin(card, weights="random").build_model()
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(base) == SD21_UNET_PARAMS
     conv_in_extra = 5 * 320 * 3 * 3
     class_embedding = (1024 * 1280 + 1280) + (1280 * 1280 + 1280)
@@ -246,7 +249,7 @@ def losses(run_dir) -> list[float]:
 
 
 def test_run_training_loss_falls_and_resume_repeats(dataset, tmp_path):
-    kw = dict(weights="tiny", batch_size=2, warmup_steps=0, learning_rate=1e-3, checkpoint_every=10, seed=0)
+    kw = {"weights": "tiny", "batch_size": 2, "warmup_steps": 0, "learning_rate": 1e-3, "checkpoint_every": 10, "seed": 0}
     full = run_training("pcdm-inpaint", str(dataset), str(tmp_path / "full"), max_steps=20, **kw)
     assert full["steps"] == 20
     curve = losses(tmp_path / "full")

@@ -144,20 +144,23 @@ def test_pretrained_path_widens_conv_in(data, tmp_path):
         assert torch.equal(back[k], v), k
 
 
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def test_paper_size_on_meta_device():
     card = {"resolution": [512, 352], "features": {
         "vae@a": {"name": "vae", "preset": "sd21", "scaling_factor": 0.18215, "outputs": {"mean.npy": {"shape": [4, 64, 44]}}},
         "dinov2@b": {"name": "dinov2", "preset": "giant", "outputs": {"tokens.npy": {"shape": [257, 1536]}}}}}
     with torch.device("meta"):
         model = PcdmRefinePlugin(card, weights="random").build_model()
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(model.unet) == SD21_UNET_PARAMS + 4 * 320 * 3 * 3 == 865_922_244
     assert count(model) == 865_922_244 + 1_969_408 == 867_891_652
     assert model.unet.config.cross_attention_dim == SD21_UNET_CONFIG["cross_attention_dim"] == 1024
 
 
 def test_run_training_loss_falls_and_resume_repeats(dataset, tmp_path):
-    kw = dict(weights="tiny", batch_size=2, warmup_steps=0, learning_rate=1e-3, checkpoint_every=10, seed=0)
+    kw = {"weights": "tiny", "batch_size": 2, "warmup_steps": 0, "learning_rate": 1e-3, "checkpoint_every": 10, "seed": 0}
     run_training("pcdm-refine", str(dataset), str(tmp_path / "full"), max_steps=20, **kw)
     with open(tmp_path / "full" / "loss.csv") as f:
         curve = [float(r["loss"]) for r in csv.DictReader(f)]

@@ -39,15 +39,22 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+)
 from torch import nn
 
 from posedata.train.plugin import Plugin
@@ -135,14 +142,14 @@ class PcdmUNetModel(ModelMixin, ConfigMixin):
     (the pretrained path); it is not part of the config."""
 
     _supports_gradient_checkpointing = True
-    ignore_for_config = ["unet"]
+    ignore_for_config: ClassVar[list[str]] = ["unet"]
 
     def _build(self, unet_config: dict[str, Any], unet: UNet2DConditionModel | None, image_embed_dim: int, proj_hidden_dim: int) -> None:
         self.unet = unet if unet is not None else UNet2DConditionModel.from_config(unet_config)
         self.image_proj_model_p = ImageProjModel(image_embed_dim, proj_hidden_dim, self.unet.config.cross_attention_dim)
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, **kwargs: Any) -> "PcdmUNetModel":
+    def from_unet(cls, unet: UNet2DConditionModel, **kwargs: Any) -> PcdmUNetModel:
         return cls(unet_config=plain_config(unet), unet=unet, **kwargs)
 
 
