@@ -269,5 +269,36 @@ def train(plugin, shards, out, storage_options, resume, **kw) -> None:
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
+@main.group()
+def sample() -> None:
+    """Sample trained models on a split's pairs: `posedata sample pcdm ...`."""
+
+
+@sample.command("pcdm")
+@click.option("--shards", required=True, help="Dataset made by `posedata build` (path or fsspec URL).")
+@click.option("--out", required=True, help="Folder for the PNGs and the contact sheet.")
+@click.option("--prior", default=None, help="pcdm-prior run directory (or checkpoint).")
+@click.option("--inpaint", default=None, help="pcdm-inpaint run directory (or checkpoint).")
+@click.option("--refine", default=None, help="pcdm-refine run directory (or checkpoint).")
+@click.option("--split", default="test", show_default=True)
+@click.option("-n", "--count", default=8, show_default=True, help="Pairs to sample (the first of the split's pair table).")
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--steps", default=50, show_default=True, help="Denoising steps per stage.")
+@click.option("--guidance", "guidance_scale", default=2.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--scheduler", type=click.Choice(["ddim", "unipc"]), default="ddim", show_default=True, help="Inpaint / refine sampler (the official test scripts use unipc with 20 steps).")
+@click.option("--seed", default=42, show_default=True)
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
+def sample_pcdm(shards, out, storage_options, **kw) -> None:
+    """The PCDMs chain: prior -> inpaint -> refine; any stage can run alone. Writes one PNG per
+    pair and stage, and a contact sheet (source | target pose | coarse | refined | truth)."""
+    from posedata.train.sample import sample_pcdm as run_sample
+
+    try:
+        summary = run_sample(shards, out, storage_options=parse_storage_options(storage_options), echo=click.echo, **kw)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise click.ClickException(str(e).strip("'\"")) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
 if __name__ == "__main__":
     main()
