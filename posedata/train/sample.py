@@ -29,6 +29,7 @@ from posedata.train.trainer import checkpoints
 
 STAGES = ("prior", "inpaint", "refine")
 PLUGINS = {"prior": "pcdm-prior", "inpaint": "pcdm-inpaint", "refine": "pcdm-refine"}
+POSE = ("openpose", "keypoints_annotated")
 
 
 def latest_model(run: str) -> str:
@@ -109,7 +110,8 @@ def sample_pcdm(
             plugin = plugin_class(PLUGINS[stage])(dataset.card, weights="pretrained", model=latest_model(run))
             plugin.set_null_embeddings(load_null_embeddings(dataset, plugin))
             plugins[stage], models[stage] = plugin, plugin.build_model().to(device).eval()
-    needs = list(dict.fromkeys(n for p in plugins.values() for n in p.needs))
+    # the plugins' features, plus the target pose for the contact sheet
+    needs = list(dict.fromkeys([*(n for p in plugins.values() for n in p.needs), POSE]))
     vae = dataset_vae(dataset, device) if ("inpaint" in plugins or "refine" in plugins) else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
     out_dir = Path(out)
@@ -181,8 +183,7 @@ def contact_sheet(rows, resolution: tuple[int, int], path: os.PathLike) -> None:
     blank = np.zeros((height, width, 3), np.uint8)
     for r, (pair, coarse, refined) in enumerate(rows):
         target = pair["target"]
-        pose_key = next(k for k in target if k.endswith(".keypoints"))
-        cells = [pair["source"]["image"], draw_openpose(target[pose_key], height, width), coarse, refined, target["image"]]
+        cells = [pair["source"]["image"], draw_openpose(target["openpose.keypoints"], height, width), coarse, refined, target["image"]]
         y = caption + r * (height + caption + pad)
         for c, cell in enumerate(cells):
             sheet.paste(Image.fromarray(blank if cell is None else np.asarray(cell)), (pad + c * (width + pad), y))
