@@ -58,6 +58,7 @@ class BuildConfig:
     batch_sizes: dict[str, int] = field(default_factory=dict)
     overwrite: bool = False
     seed: int = 0
+    flip: bool = False  # vae: also store the horizontally flipped image's latents
 
 
 # ---- the steps ------------------------------------------------------------------------------
@@ -156,6 +157,8 @@ def make_plan(config: BuildConfig) -> BuildPlan:
         model = config.models.get(spec) or config.models.get(name)
         if model:
             kwargs["model"] = model
+        if name == "vae" and config.flip:
+            kwargs["flip"] = True
         if name == "keypoints_annotated":
             keypoint_files = scan.info.get("keypoints", {}).get("from", [])
             kwargs["annotation_source"] = json.dumps({f: scan.info.get("files", {}).get(f, {}).get("sha256") for f in keypoint_files}, sort_keys=True)
@@ -249,6 +252,7 @@ def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
         raise SystemExit(f"{location.url} already holds a dataset; use --overwrite to start over or another --out")
     else:
         location.write_json(settings_path, plan.settings())
+    _remove_stale_temporaries(location, plan)
     # The scan rejects are part of the result; written once, up front.
     location.write_parquet(
         location.path("_done", "scan.parquet"),
@@ -257,6 +261,40 @@ def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
             schema=REJECTS_SCHEMA,
         ),
     )
+
+
+# A temporary of dataset.json older than this is a leftover: a write renames its temporary
+# within milliseconds.
+STALE_ROOT_TEMPORARY_SECONDS = 60.0
+
+
+def _remove_stale_temporaries(location: DatasetLocation, plan: BuildPlan) -> None:
+    """Remove the `.tmp-*` files a killed build left behind (a write cut off before its
+    rename; readers never open them), in the folders a build writes to: shards/, pairs/,
+    _done/, _done/shards/, its own feature folders and the root. `posedata extend` writes
+    only its own feature folders and, in the root, dataset.json: a temporary of dataset.json
+    younger than a minute may be its write in progress and is left alone. Object stores have
+    no temporaries: every object is one PUT."""
+    if not location.is_local:
+        return
+    own = [location.path("shards"), location.path("pairs"), location.path("_done"), location.path("_done", "shards")]
+    own += [location.feature_dir(e.folder) for e in plan.extractors.values()]
+    now = time.time()
+    for directory in [location.root, *own]:
+        try:
+            names = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for name in names:
+            path = os.path.join(directory, name)
+            if not name.startswith(".tmp-") or not os.path.isfile(path):
+                continue
+            try:
+                if directory == location.root and name.endswith(CARD) and now - os.path.getmtime(path) < STALE_ROOT_TEMPORARY_SECONDS:
+                    continue  # perhaps a `posedata extend` writing the card right now
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 # ---- finishing ------------------------------------------------------------------------------

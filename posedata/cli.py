@@ -75,6 +75,7 @@ def build_options(fn):
         click.option("--workers", type=int, default=None, help="Actors per extractor when running on CPU (GPUs: one per GPU share)."),
         click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor."),
         click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP),
+        click.option("--flip", is_flag=True, help="vae: also store the latents of the horizontally flipped image (flip augmentation with cached latents)."),
         click.option("--overwrite", is_flag=True, help="Delete what is at --out and start over (default: resume)."),
     ]
     for option in reversed(options):
@@ -116,6 +117,7 @@ def _run_build(source: str, source_options: dict, **kw) -> None:
         workers=kw["workers"],
         batch_sizes={k: int(v) for k, v in parse_assignments(kw["batch_sizes"], "FEATURE=N").items()},
         overwrite=kw["overwrite"],
+        flip=kw["flip"],
     )
     try:
         run_build(config, echo=click.echo)
@@ -161,6 +163,7 @@ def build_folder(group_regex, test_fraction, split_seed, **kw) -> None:
 @click.option("--address", default=None, help="Join a running Ray cluster.")
 @click.option("--workers", type=int, default=None, help="Actors per extractor when running on CPU.")
 @click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor.")
+@click.option("--flip", is_flag=True, help="vae: also store the latents of the horizontally flipped image.")
 @click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
 def extend(url, features, preset, models, batch_sizes, storage_options, **kw) -> None:
     """Add features to a finished dataset (local or in a bucket) without touching what is there."""

@@ -50,6 +50,7 @@ class ExtendConfig:
     workers: int | None = None
     batch_sizes: dict[str, int] = field(default_factory=dict)
     seed: int = 0
+    flip: bool = False  # vae: also store the horizontally flipped image's latents
 
 
 def feature_done_marker(location: DatasetLocation, folder: str, shard: str) -> str:
@@ -75,6 +76,8 @@ def extend(config: ExtendConfig, echo: Callable[[str], None] = print) -> dict[st
         model = config.models.get(spec) or config.models.get(name)
         if model:
             kwargs["model"] = model
+        if name == "vae" and config.flip:
+            kwargs["flip"] = True
         deps = {}
         for dep in extractor_class(name).requires:
             source = provider(dep, specs)
