@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import click
 
@@ -256,6 +257,9 @@ def show(url: str, out: str, count: int, split: str | None, storage_options: str
 @click.option("--log-every", type=int, default=10, show_default=True)
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--overwrite", is_flag=True, help="Delete the run directory first and start over.")
+@click.option("--ema-decay", type=float, default=None, help="Keep an EMA of the weights with this decay (e.g. 0.9999), saved as checkpoint-<step>/ema/.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory, slower).")
+@click.option("--attention", type=click.Choice(["sdpa", "keep"]), default="sdpa", show_default=True, help="sdpa: torch scaled_dot_product_attention on every diffusers attention layer; keep: as the model built it.")
 @click.option("--skip-corrupt-shards", "skip_corrupt", is_flag=True, help="Skip shards that cannot be read (corrupt, truncated, missing, keys out of line) with a warning naming each, instead of stopping.")
 @click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
 def train(plugin, shards, out, storage_options, resume, **kw) -> None:
@@ -269,7 +273,8 @@ def train(plugin, shards, out, storage_options, resume, **kw) -> None:
         summary = run_training(plugin, shards, out, storage_options=parse_storage_options(storage_options), resume=resume or False, **kw)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
-    click.echo(json.dumps(summary, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, once
+        click.echo(json.dumps(summary, indent=2, default=str))
 
 
 @main.group()

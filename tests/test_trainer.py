@@ -4,8 +4,8 @@ the loss falls, checkpoints are written and resume continues to max_steps."""
 from __future__ import annotations
 
 import csv
-import json
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -104,3 +104,183 @@ def test_find_checkpoint_errors(tmp_path):
     assert find_checkpoint(tmp_path, "latest") is None
     with pytest.raises(FileNotFoundError):
         find_checkpoint(tmp_path, tmp_path / "checkpoint-7")
+
+
+# ---- exact resume, EMA, gradient checkpointing, attention -----------------------------------
+
+H, W = 64, 48
+POSE_CARD = {**CARD, "features": {**CARD["features"], "openpose": {"outputs": {"keypoints.npy": {"shape": [18, 3]}}}}}
+
+
+class DropoutPrior(PcdmPriorPlugin):
+    """The tiny prior with dropout in its blocks, so the model itself draws from torch's
+    global RNG (what the checkpoint's RNG state must bring back)."""
+
+    def build_model(self):
+        from posedata.train.pcdm_prior import TINY, PcdmPriorTransformer
+
+        return PcdmPriorTransformer(embedding_dim=self.embedding_dim, dropout=0.1, **TINY)
+
+
+class FakePairs:
+    """An endless pair stream split across DataLoader workers like PairStream (each worker
+    its own part, shuffled per epoch), over 24 fixed pairs."""
+
+    def __init__(self, seed: int = 0):
+        rng = np.random.default_rng(0)
+
+        def sample(i):
+            kp = np.stack([rng.uniform(0, W, 18), rng.uniform(0, H, 18), rng.uniform(0, 1, 18)], axis=1).astype(np.float32)
+            return {"__key__": f"k{i}", "clip.embeds": (0.4 * rng.normal(size=D)).astype(np.float16), "openpose.keypoints": kp}
+
+        self.pairs = [{"source": sample(2 * i), "target": sample(2 * i + 1)} for i in range(24)]
+        self.seed = seed
+
+    def __iter__(self):
+        import random
+
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.pairs[worker::workers]
+        for epoch in itertools.count():
+            order = list(range(len(mine)))
+            random.Random(f"{self.seed}:{epoch}:{worker}").shuffle(order)
+            for i in order:
+                yield mine[i]
+
+
+def pair_factory(plugin, num_workers: int, seen: list[int] | None = None):
+    from posedata.train.run import collated_loader
+
+    def factory(start: int, seed: int):
+        if seen is not None:
+            seen.append(start)
+        return collated_loader(FakePairs(seed), plugin, BATCH, num_workers, seed, start=start)
+
+    return factory
+
+
+def train_pairs(out, num_workers: int, max_steps: int, **kw):
+    plugin = DropoutPrior(POSE_CARD, weights="tiny")
+    args = {"max_steps": max_steps, "batch_size": BATCH, "learning_rate": 1e-3, "warmup_steps": 3, "seed": 7, "checkpoint_every": 10,
+            "log_every": 5, "null_embeddings": NULLS, "ema_decay": 0.9, "run_info": {"num_workers": num_workers}}
+    args.update(kw)
+    return train(plugin, pair_factory(plugin, num_workers), out, **args)
+
+
+def loss_rows(out) -> list[tuple[str, str, str]]:
+    with open(out / "loss.csv") as f:
+        return [(r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]  # samples/s is a timing
+
+
+def tensors(folder):
+    from posedata.train.trainer import load_model_weights
+
+    return load_model_weights(folder)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, num_workers):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train_pairs(straight, num_workers, 20)
+    train_pairs(split, num_workers, 10)
+    summary = train_pairs(split, num_workers, 20, resume="latest")
+    assert summary["start_step"] == 10 and summary["steps"] == 20
+    assert summary["ema"] == str(split / "checkpoint-20" / "ema")
+
+    assert loss_rows(split) == loss_rows(straight) and len(loss_rows(straight)) == 20
+    for part in ("model", "ema"):
+        a, b = tensors(straight / "checkpoint-20" / part), tensors(split / "checkpoint-20" / part)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
+    model, ema = tensors(straight / "checkpoint-20" / "model"), tensors(straight / "checkpoint-20" / "ema")
+    assert any(not torch.equal(model[k], ema[k]) for k in model)  # the EMA is not the model
+    opt_a = torch.load(straight / "checkpoint-20" / "optimizer.pt", weights_only=True)
+    opt_b = torch.load(split / "checkpoint-20" / "optimizer.pt", weights_only=True)
+    for i, s in opt_a["state"].items():
+        assert all(torch.equal(s[k], opt_b["state"][i][k]) for k in s)
+    state = json.loads((split / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["ema"]["optimization_step"] == 20 and state["batches_seen"] == 20
+    assert state["stream"] == {"batch_size": BATCH, "num_processes": 1, "num_workers": num_workers, "gradient_accumulation": 1}
+    assert (split / "checkpoint-20" / "rng_state_0.safetensors").is_file()
+    # the EMA folder loads as a model of its own
+    from posedata.train.pcdm_prior import PcdmPriorTransformer
+
+    loaded = PcdmPriorTransformer.from_pretrained(straight / "checkpoint-20" / "ema")
+    assert torch.equal(loaded.proj_in.weight, ema["proj_in.weight"])
+
+    config = json.loads((split / "config.json").read_text())
+    assert config["ema"]["decay"] == 0.9 and config["gradient_checkpointing"] is False
+    assert config["attention"]["mode"] == "sdpa" and config["attention"]["processors"] == {"AttnProcessor2_0": 2}
+    assert config["data"] == {"num_workers": num_workers} and config["versions"]["torch"] == torch.__version__
+
+
+def test_collate_generator_depends_on_the_batch_not_on_workers_or_resume():
+    """Batch n gets the same dropout (one generator per (seed, rank, n)) from any start;
+    with workers, batch n comes from worker n % W's part of the stream."""
+    from posedata.train.run import collated_loader
+    from posedata.train.trainer import batch_seed
+
+    plugin = PcdmPriorPlugin(POSE_CARD, weights="tiny")
+    plugin.set_null_embeddings(NULLS)
+    plugin.drop_prob = 0.5
+    for workers in (0, 2):
+        full = list(itertools.islice(collated_loader(FakePairs(), plugin, BATCH, workers, seed=3), 6))
+        late = list(itertools.islice(collated_loader(FakePairs(), plugin, BATCH, workers, seed=3, start=3), 3))
+        for a, b in zip(full[3:], late):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    other_rank = next(collated_loader(FakePairs(), plugin, BATCH, 0, seed=3, rank=1))
+    assert not all(torch.equal(full[0][k], other_rank[k]) for k in full[0])
+    assert batch_seed(3, 0, 5) == batch_seed(3, 0, 5) != batch_seed(3, 1, 5)
+
+
+def test_resume_warns_when_the_stream_changes(tmp_path, caplog):
+    train_pairs(tmp_path, 0, 10)
+    with caplog.at_level("WARNING", logger="posedata.train.trainer"):
+        train_pairs(tmp_path, 0, 12, resume="latest", run_info={"num_workers": 2}, ema_decay=None)
+    text = caplog.text
+    assert "num_workers 0 -> 2" in text and "EMA weights but ema_decay is not set" in text
+
+
+def test_gradient_checkpointing_and_sdpa(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import (
+        Attention,
+        AttnProcessor,
+        AttnProcessor2_0,
+    )
+
+    from posedata.train.pcdm_common import TINY_UNET_CONFIG
+    from posedata.train.trainer import configure_model
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(TINY_UNET_CONFIG)
+    attn = [m for m in unet.modules() if isinstance(m, Attention)]
+    attn[0].set_processor(AttnProcessor())  # plain attention: switched to SDPA
+
+    class Custom(AttnProcessor2_0):
+        pass
+
+    attn[1].set_processor(Custom())  # someone else's processor: left alone
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 3, 32)
+
+    def grads(model):
+        model.zero_grad()
+        model(x, t, encoder_hidden_states=ctx).sample.square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    before = grads(unet)
+    info = configure_model(unet, gradient_checkpointing=True, attention="sdpa")
+    assert info["gradient_checkpointing"] is True and unet.is_gradient_checkpointing
+    assert info["attention"]["processors"] == {"AttnProcessor2_0": len(attn) - 1, "Custom": 1}
+    assert type(attn[0].processor) is AttnProcessor2_0 and type(attn[1].processor) is Custom
+    after = grads(unet)  # checkpointing recomputes, it does not change the gradients
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(before, after))
+
+    prior = PcdmPriorPlugin(CARD, weights="tiny").build_model()
+    if not getattr(prior, "_supports_gradient_checkpointing", False):
+        with pytest.raises(ValueError, match="does not support gradient checkpointing"):
+            configure_model(prior, gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="attention"):
+        configure_model(prior, attention="xformers")

@@ -109,6 +109,8 @@ class PcdmPriorTransformer(ModelMixin, ConfigMixin):
     """The PCDMs stage-1 prior. Inputs are [B, D] embeddings (normalised noisy target, raw
     source) and [B, 36] normalised poses; output is the normalised x0 prediction [B, D]."""
 
+    _supports_gradient_checkpointing = True
+
     @register_to_config
     def __init__(
         self,
@@ -144,6 +146,7 @@ class PcdmPriorTransformer(ModelMixin, ConfigMixin):
         )
         self.norm_out = nn.LayerNorm(width)
         self.proj_to_clip_embeddings = nn.Linear(width, embedding_dim)
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -174,7 +177,10 @@ class PcdmPriorTransformer(ModelMixin, ConfigMixin):
         )
         h = tokens + self.positional_embedding.to(tokens.dtype)
         for block in self.transformer_blocks:
-            h = block(h)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                h = self._gradient_checkpointing_func(block, h)
+            else:
+                h = block(h)
         out = self.proj_to_clip_embeddings(self.norm_out(h)[:, -1])
         return PcdmPriorOutput(out) if return_dict else (out,)
 

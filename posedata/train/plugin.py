@@ -77,11 +77,19 @@ class Plugin:
 
     def collate(self, pairs: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """CPU-side: stack a list of pairs into tensors, applying condition dropout (runs in
-        DataLoader workers; `generator` None draws from torch's global RNG, which PyTorch
-        seeds per worker)."""
+        DataLoader workers). Draw every random number from `generator`: the trainer's loader
+        (`posedata.train.run.collated_loader`) passes one seeded by (seed, rank, batch
+        number), which is what makes a resumed run repeat the uninterrupted one exactly.
+        `generator` None (direct calls) draws from torch's global RNG."""
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training loss of one batch (on the model's device). Draw noise and timesteps
+        from `generator` (a CPU generator the trainer seeds by (seed, batch number,
+        process)). With several processes `model` is the trainer's `WrappedModel`: calling it
+        calls the DistributedDataParallel wrapper (gradients are synchronised), its
+        attributes (`model.dtype`, the model's own methods) are the plain model's; call the
+        model itself once per step, not only its submodules."""
         raise NotImplementedError
 
     def sample(self, model: torch.nn.Module, pairs: list[dict[str, Any]], *, generator: torch.Generator | None = None, **options: Any) -> Any:
