@@ -11,18 +11,36 @@
 
 Objects are written whole under their final name only once complete: on local disk through
 a temporary name and a rename, on object stores by a single PUT (an object is invisible to
-readers until its upload completes), so a reader never sees a partial file.
+readers until its upload completes), so a reader never sees a partial file. s3fs's
+`pipe_file` PUTs anything below 100 MiB in one request and switches to a multipart upload
+above; a multipart upload that fails is aborted, and its parts never become an object.
+
+**Transient failures** of an object store (a 5xx or throttling answer, a dropped or
+timed-out connection, a body cut short) are retried here around whole operations, on top of
+what the filesystem already retries per request (botocore: 5 attempts on 5xx and connection
+errors; s3fs: 5 on connection errors and cut-short bodies; gcsfs: 6). Every `DatasetLocation`
+read, write, existence check, listing and delete gets up to `posedata_retries` attempts (a
+storage option, default `DEFAULT_ATTEMPTS`, taken out before the others go to fsspec), with
+exponential backoff. That is safe because each operation is idempotent: a write PUTs the
+whole object again under the same name, a read reads the whole object again. "Not found",
+"access denied" and bad requests are never retried; local paths are not retried.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import posixpath
+import random
+import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
@@ -32,23 +50,127 @@ MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 DONE = "_done"
 
+log = logging.getLogger("posedata.layout")
+
+RETRIES_OPTION = "posedata_retries"  # storage option: attempts per operation (1: no retries)
+DEFAULT_ATTEMPTS = 5
+BACKOFF_SECONDS = 0.5  # before the 2nd attempt; doubles each time up to the cap; jittered
+BACKOFF_CAP_SECONDS = 8.0
+
+T = TypeVar("T")
+
+_INHERITED_FILESYSTEMS: list = []  # see DatasetLocation.fs
+
+# Exception classes (matched by name anywhere in the MRO, so that botocore, aiohttp, requests
+# and gcsfs need not be importable) that mean "the connection failed or was cut: try again".
+_TRANSIENT_TYPES = {
+    "ConnectionError",  # builtin (resets, refused, broken pipe) and requests'
+    "TimeoutError",
+    "HTTPClientError",  # botocore: ConnectionClosedError, EndpointConnectionError, ReadTimeoutError, ...
+    "ResponseStreamingError",
+    "ResponseParserError",  # botocore: an answer cut off half-way through its XML
+    "ClientPayloadError",  # aiohttp: body cut short
+    "ClientConnectionError",  # aiohttp: ServerDisconnectedError, ClientOSError, ...
+    "ServerTimeoutError",
+    "IncompleteRead",  # http.client, urllib3
+    "ProtocolError",
+    "ChunkedEncodingError",
+    "FSTimeoutError",  # fsspec
+    "ChecksumError",  # gcsfs: the body did not match its hash
+}
+# Error codes of S3 (and GCS) answers that are worth another attempt.
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "OperationAborted"}
+# s3fs turns error answers into a plain OSError, sometimes without the botocore error: these
+# are the errnos it uses for the codes above (InternalError / 500: EREMOTEIO;
+# ServiceUnavailable, SlowDown / 503: EBUSY) and for lost connections.
+_TRANSIENT_ERRNOS = {errno.EREMOTEIO, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
+_STATUS_IN_MESSAGE = re.compile(r"\((?:5\d\d|429)\)|\b(?:InternalError|ServiceUnavailable|SlowDown)\b")
+
 
 def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}"
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and what caused it (`raise ... from`, or raised while handling)."""
+    seen: list[BaseException] = []
+    while error is not None and error not in seen and len(seen) < 16:
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def _http_answer(error: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, error code) of an error answer, where the exception carries one."""
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        return response.get("ResponseMetadata", {}).get("HTTPStatusCode"), response.get("Error", {}).get("Code")
+    for attr in ("status", "code", "status_code"):  # aiohttp, gcsfs HttpError, requests
+        value = getattr(error, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and 100 <= value < 600:
+            return value, None
+    return None, None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Is another attempt worth it? Yes for 5xx / 429 / throttling answers and for lost,
+    refused, timed-out or cut-short connections; no for not found, access denied, bad
+    requests and anything else."""
+    for e in _chain(error):
+        if isinstance(e, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)):
+            return False
+        status, code = _http_answer(e)
+        if code in _TRANSIENT_CODES:
+            return True
+        if status is not None:
+            return status >= 500 or status in (408, 429)
+        if any(cls.__name__ in _TRANSIENT_TYPES for cls in type(e).__mro__):
+            return True
+        if isinstance(e, OSError) and (e.errno in _TRANSIENT_ERRNOS or _STATUS_IN_MESSAGE.search(str(e))):
+            return True
+    return False
+
+
 @dataclass
 class DatasetLocation:
     """A dataset root on some filesystem. `url` is what the user typed (a path, file://,
-    s3://, gs://, memory://); `storage_options` go to fsspec (endpoint, credentials)."""
+    s3://, gs://, memory://); `storage_options` go to fsspec (endpoint, credentials), except
+    `posedata_retries` (attempts per operation on an object store, default 5)."""
 
     url: str
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        options = dict(self.storage_options)
+        attempts = options.pop(RETRIES_OPTION, DEFAULT_ATTEMPTS)
+        try:
+            self.attempts = int(attempts)
+        except (TypeError, ValueError):
+            raise ValueError(f"storage option {RETRIES_OPTION!r} must be a whole number of attempts, not {attempts!r}") from None
+        if self.attempts < 1:
+            raise ValueError(f"storage option {RETRIES_OPTION!r} must be at least 1 (1: no retries), not {self.attempts}")
+        self._fsspec_options = options
+        self._fs, self.root = fsspec.core.url_to_fs(self.url, **options)
+        self._pid = os.getpid()
         self.root = self.root.rstrip("/")
-        self.is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.is_local = "file" in (self._fs.protocol if isinstance(self._fs.protocol, tuple) else (self._fs.protocol,))
+        if self.is_local:
+            self.attempts = 1
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, made again in a forked process (torch DataLoader workers): the
+        event loop of an async one (s3fs, gcsfs) does not survive a fork ("This class is
+        not fork-safe"). Unpickled elsewhere (Ray workers), it is made again too."""
+        if self._pid != os.getpid():
+            inherited = self._fs
+            self._fs = fsspec.core.url_to_fs(self.url, **self._fsspec_options)[0]
+            self._pid = os.getpid()
+            # Keep a forked parent's instance alive: finalized here, it would try to close
+            # the parent's connections on this process's loop (an error logged per worker).
+            if inherited is not self._fs and not any(inherited is f for f in _INHERITED_FILESYSTEMS):
+                _INHERITED_FILESYSTEMS.append(inherited)
+        return self._fs
 
     # ---- paths ---------------------------------------------------------------------------
 
@@ -76,12 +198,50 @@ class DatasetLocation:
 
     # ---- I/O -----------------------------------------------------------------------------
 
+    def _retry(self, what: str, path: str, operation: Callable[[], T]) -> T:
+        """`operation()`, tried up to `self.attempts` times while it fails transiently."""
+        attempt = 1
+        while True:
+            try:
+                return operation()
+            except Exception as e:
+                if attempt >= self.attempts or not is_transient(e):
+                    if attempt > 1:
+                        e.add_note(f"posedata: {what} {self.url_of(path)}: gave up after {attempt} attempts")
+                    raise
+                delay = min(BACKOFF_CAP_SECONDS, BACKOFF_SECONDS * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.warning("%s %s failed (%s: %s); attempt %d of %d in %.1f s", what, self.url_of(path), e.__class__.__name__, e, attempt + 1, self.attempts, delay)
+                time.sleep(delay)
+                attempt += 1
+
     def exists(self, path: str) -> bool:
-        return self.fs.exists(path)
+        if self.is_local:
+            return self.fs.exists(path)
+
+        # Not fs.exists: fsspec's generic one answers False for any error, a 503 included.
+        def probe() -> bool:
+            try:
+                self.fs.info(path)
+                return True
+            except FileNotFoundError:
+                return False
+
+        return self._retry("check", path, probe)
 
     def read_bytes(self, path: str) -> bytes:
-        with self.fs.open(path, "rb") as f:
-            return f.read()
+        if self.is_local:
+            with self.fs.open(path, "rb") as f:
+                return f.read()
+        return self._retry("read", path, lambda: self.fs.cat_file(path))
+
+    def open_read(self, path: str):
+        """A binary file object over all of `path`, for parsers that stream (tar). Local: the
+        file. Object stores: the object read whole, with retries, into memory: shards are
+        tens of MB, about what s3fs's read-ahead block (50 MiB) holds anyway, and a connection
+        lost for good half-way through can then never look like a truncated tar."""
+        if self.is_local:
+            return self.fs.open(path, "rb")
+        return io.BytesIO(self.read_bytes(path))
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write `data` so that `path` appears complete or not at all."""
@@ -95,7 +255,9 @@ class DatasetLocation:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, data)
+            # One PUT (multipart above 100 MiB, aborted on failure): all or nothing, so
+            # writing it again after a failure is safe.
+            self._retry("write", path, lambda: self.fs.pipe_file(path, data))
 
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
@@ -124,11 +286,19 @@ class DatasetLocation:
         return pq.ParquetFile(pa.BufferReader(buffer), pre_buffer=False).read(use_threads=False)
 
     def glob(self, pattern: str) -> list[str]:
-        return sorted(self.fs.glob(self.path(pattern)))
+        return self._retry("list", self.path(pattern), lambda: sorted(self.fs.glob(self.path(pattern))))
 
     def remove_tree(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        if not self.exists(self.root):
+            return
+
+        def remove() -> None:
+            try:
+                self.fs.rm(self.root, recursive=True)
+            except FileNotFoundError:
+                pass  # removed by an earlier attempt whose answer was lost
+
+        self._retry("delete", self.root, remove)
 
     def card(self) -> dict[str, Any]:
         path = self.path(CARD)

@@ -166,13 +166,21 @@ def run_locally(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     stages = [ExtractorStage(spec, job.location.url, job.location.storage_options) for spec in job.stages]
-    by_shard: dict[str, Rows] = {}
+    results: list[dict[str, Any]] = []
+    shard_rows: Rows = []
+    # micro_batches come shard by shard: each shard is written (done marker last) as soon as
+    # its last micro-batch is through, so a killed run keeps every shard it finished.
     for group in tqdm(micro_batches(job.inputs, job.micro_batch), desc="batches", unit="batch", file=sys.stderr):
+        if shard_rows and shard_rows[0]["shard"] != group[0]["shard"]:
+            results.append(job.write(shard_rows))
+            shard_rows = []
         rows = job.prepare(group)
         for stage in stages:
             stage(rows)
-        by_shard.setdefault(group[0]["shard"], []).extend(rows)
-    return [job.write(rows) for rows in by_shard.values()]
+        shard_rows.extend(rows)
+    if shard_rows:
+        results.append(job.write(shard_rows))
+    return results
 
 
 def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -257,4 +265,7 @@ def init_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+        # "local": start our own Ray. Without it ray.init joins the cluster that the last
+        # `ray start` on this machine recorded (/tmp/ray/ray_current_cluster) and then
+        # refuses num_cpus; joining a cluster is what --address is for.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)

@@ -156,7 +156,7 @@ class Dataset:
 
 def _tar_samples(location: DatasetLocation, path: str) -> Iterator[dict[str, Any]]:
     try:
-        stream = location.fs.open(path, "rb")
+        stream = location.open_read(path)
     except FileNotFoundError:
         raise ShardError(f"{location.url_of(path)}: missing (the dataset is incomplete or this feature was never extracted for this shard)") from None
     with stream:

@@ -10,8 +10,9 @@ method, path, query, headers (signatures included) and bodies (Content-Length or
 passed through as the raw bytes) unchanged, one upstream connection per request, and
 streams the response back (Content-Length bodies as is, chunked ones re-chunked); the
 client's connection is kept alive. For a fraction `rate` of the requests whose method is in
-`methods` (chosen by a seeded RNG, so a run is repeatable for the same request order) it
-injects one fault instead:
+`methods` (chosen by a seeded RNG, so a run is repeatable for the same request order), and/or
+for every `every`-th request of each method (cycling through `kinds`: every kind hits every
+method, whatever the order of requests), it injects one fault instead:
 
   "500", "503"     an S3 XML error (InternalError / ServiceUnavailable), nothing forwarded
   "drop"           the request is read, then the connection is closed without a reply
@@ -37,7 +38,7 @@ import random
 import socket
 import socketserver
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 FAULT_KINDS = ("500", "503", "drop", "drop_after", "truncate")
 
@@ -70,7 +71,7 @@ class S3Server:
         self.host, self.port = host, port
 
     @classmethod
-    def start(cls) -> "S3Server":
+    def start(cls) -> S3Server:
         from moto.server import ThreadedMotoServer
 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -169,7 +170,7 @@ def _read_request(rfile, wfile) -> _Request | None:
 
 
 class _Handler(socketserver.StreamRequestHandler):
-    server: "_ProxyServer"
+    server: _ProxyServer
 
     def handle(self) -> None:
         proxy = self.server.proxy
@@ -188,7 +189,7 @@ class _Handler(socketserver.StreamRequestHandler):
             if not keep_open or (request.header("Connection") or "").lower() == "close":
                 return
 
-    def _serve(self, request: _Request, fault: str | None, proxy: "FaultyProxy") -> bool:
+    def _serve(self, request: _Request, fault: str | None, proxy: FaultyProxy) -> bool:
         if fault in ("500", "503"):
             reason, code, message = ERROR_BODIES[fault]
             body = (
@@ -236,7 +237,7 @@ class _Handler(socketserver.StreamRequestHandler):
             headers.append(("Transfer-Encoding", "chunked"))
         head = f"HTTP/1.1 {response.status} {response.reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
         head_bytes = head.encode("latin-1")
-        length = 0 if no_body or chunked else int(dict((k.lower(), v) for k, v in headers)["content-length"])
+        length = 0 if no_body or chunked else int({k.lower(): v for k, v in headers}["content-length"])
         if truncate and not chunked and length == 0:
             self.wfile.write(head_bytes[: len(head_bytes) // 2])
             self._hang_up()
@@ -275,12 +276,13 @@ class _Handler(socketserver.StreamRequestHandler):
 class _ProxyServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
-    proxy: "FaultyProxy"
+    proxy: FaultyProxy
 
 
 class FaultyProxy:
     """See the module docstring. `rate`: fraction of eligible requests that get a fault;
     `kinds`: the faults to draw from; `methods`: which methods are eligible (None: all);
+    `every`: also fault every n-th eligible request of each method, cycling through `kinds`;
     `schedule`: instead of the RNG, a function (request number, method, target) -> kind or
     None, for exact sequences ("fail the next three PUTs")."""
 
@@ -291,6 +293,7 @@ class FaultyProxy:
         kinds: Iterable[str] = FAULT_KINDS,
         methods: Iterable[str] | None = None,
         seed: int = 0,
+        every: int | None = None,
         schedule: Callable[[int, str, str], str | None] | None = None,
     ):
         host, port = upstream.removeprefix("http://").rstrip("/").rsplit(":", 1)
@@ -301,7 +304,10 @@ class FaultyProxy:
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS}")
         self.methods = set(methods) if methods is not None else None
+        self.every = every
         self.schedule = schedule
+        self.per_method: collections.Counter = collections.Counter()
+        self.pending: list[list] = []  # [count, kind, method, substring of the target]
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.requests = 0
@@ -312,8 +318,18 @@ class FaultyProxy:
     def choose_fault(self, method: str, target: str) -> str | None:
         with self.lock:
             self.requests += 1
-            if self.schedule is not None:
+            eligible = self.methods is None or method in self.methods
+            if eligible:
+                self.per_method[method] += 1
+            n = self.per_method[method]
+            queued = next((p for p in self.pending if p[0] > 0 and p[2] in (None, method) and p[3] in target), None)
+            if queued is not None:
+                queued[0] -= 1
+                fault = queued[1]
+            elif self.schedule is not None:
                 fault = self.schedule(self.requests, method, target)
+            elif eligible and self.every and n % self.every == 0:
+                fault = self.kinds[(n // self.every - 1) % len(self.kinds)]
             elif self.rate and (self.methods is None or method in self.methods) and self.rng.random() < self.rate:
                 fault = self.rng.choice(self.kinds)
             else:
@@ -322,7 +338,20 @@ class FaultyProxy:
                 self.injected[(method, fault)] += 1
             return fault
 
-    def start(self) -> "FaultyProxy":
+    def fail_next(self, count: int, kind: str, method: str | None = None, target_contains: str = "") -> None:
+        """Fault the next `count` requests with this method (any: None) whose path and query
+        contain `target_contains`, before any other rule."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {kind!r}")
+        with self.lock:
+            self.pending.append([count, kind, method, target_contains])
+
+    def clear(self) -> None:
+        """No more queued faults; counters kept."""
+        with self.lock:
+            self.pending.clear()
+
+    def start(self) -> FaultyProxy:
         self._server = _ProxyServer(("127.0.0.1", 0), _Handler)
         self._server.proxy = self
         threading.Thread(target=self._server.serve_forever, name="faulty-proxy", daemon=True).start()
