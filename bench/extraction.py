@@ -1,8 +1,8 @@
 """Extraction efficiency and CPU scaling of `posedata build` (a script to run by hand, not a test).
 
-    python bench/extraction.py                                   # CPU, tiny models (~10 min on 2 cores)
-    python bench/extraction.py --device cuda --weights random --images 512
-    python bench/extraction.py --features openpose,vae:sd21 --weights random --images 16 --no-scaling
+    python bench/extraction.py                                   # CPU, tiny models, every default feature
+    python bench/extraction.py --weights random --features openpose,higherhrnet,dinov2:base --scaling-features openpose
+    python bench/extraction.py --device cuda --weights random --images 1024 --model-images 256
 
 For each feature (and for the full feature set) it measures, at the same batch size:
 
@@ -12,16 +12,29 @@ For each feature (and for the full feature set) it measures, at the same batch s
   warm-up batch; one torch thread on CPU, as the build's actors run. A feature that requires
   another (clip_regions reads parsing) is measured with it, as the build runs it. Full set:
   every extractor one after the other on the same images (the sum of their times).
-- **end-to-end images/s**, two ways:
-  - *steady*: the Ray build in this process with Ray already started, of N and of 2N
-    images; N / (T(2N) - T(N)). The difference cancels every fixed cost (Ray start-up,
-    actor and model set-up, scan, card): the pipeline's own throughput (decode + resize +
-    JPEG, extract, encode, write).
-  - *wall*: `posedata build` as a user types it, in a subprocess, on the 2N images, timed
-    from start to exit (imports, Ray start, models, everything); 2N / wall.
-- **efficiency** = end-to-end (steady) / model-only. The goal is >= 0.85.
+- **end-to-end images/s** on a Ray build of N images (one actor per extractor), from a
+  timeline each extractor actor logs (start and end of every block, a micro-batch of 32):
+  - *e2e* (the headline): images / (the first block any actor starts -> the last block the
+    last extractor ends). Ray start-up, actor start, model set-up, scan, the final shard
+    writes and the card are outside it; decode, resize, JPEG, handing blocks between
+    stages, every wait of an actor on decode or on the stage before it, the models, the
+    encoding of their outputs, and the pipeline's fill and drain are inside. It can only
+    understate the pipeline's rate.
+  - *steady*: the last extractor's rate after its first block (per actor, summed). With few
+    blocks it overstates: upstream stages run ahead while the last one starts, and it then
+    works through their backlog. Printed beside e2e, not used for the ratios.
+  - *wall*: the whole build in this process with Ray already up (actors, models, writes,
+    card), and, for the full set (`--cli`), `posedata build` as a user types it, in a
+    subprocess, from start to exit (imports and Ray start-up included).
+- **efficiency** = e2e / model-only. For several extractors the model-only figure is their
+  bound: with a GPU they share it, so one after the other (1 / sum of seconds per image);
+  on CPU their single-threaded actors run side by side, so min(CPUs / sum, 1 / slowest).
+  The goal is >= 0.85.
 - **scaling**: a CPU build with `--workers 2` vs `--workers 1` (of the full set, or of
-  `--scaling-features`), steady throughput ratio (the goal is >= 1.8x).
+  `--scaling-features`): ratio of e2e throughputs, and of walls (the goal is >= 1.8x);
+  beside it the **machine ceiling**: the slowest of those models, model-only, in one
+  process vs two processes at once (no Ray): what two workers can get from this machine.
+- **projection**: DeepFashion's 52,712 images at the full set's e2e rate.
 
 Writes `bench/results/extraction.json` (every timing) and `bench/results/extraction.md` (the
 table), and prints the table.
@@ -42,23 +55,34 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from posedata.build import BuildConfig, build, decode_rows, make_plan, upstream_folders  # noqa: E402
-from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_order, extractor_class  # noqa: E402
-from posedata.extractors.base import Sample  # noqa: E402
-from posedata.images import decode_jpeg_rgb  # noqa: E402
-from posedata.pipeline import Job, micro_batches  # noqa: E402
-from posedata.shards import decode_output, encode_output  # noqa: E402
+import posedata.pipeline
+from posedata.build import BuildConfig, build, decode_rows, make_plan, upstream_folders
+from posedata.extractors import (
+    DEFAULT_FEATURES,
+    create_extractor,
+    dependency_order,
+    extractor_class,
+)
+from posedata.extractors.base import Sample
+from posedata.images import decode_jpeg_rgb
+from posedata.pipeline import Job, micro_batches
+from posedata.shards import decode_output, encode_output
 
-FIXTURES = Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures")) / "deepfashion"
+FIXTURES = (
+    Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures"))
+    / "deepfashion"
+)
 RESULTS = REPO / "bench" / "results"
 MICRO_BATCH = Job.micro_batch  # the build's fixed micro-batch (posedata.pipeline)
 GROUP = 8  # photos per group folder
+DEEPFASHION_IMAGES = (
+    52_712  # the In-shop benchmark's images (train + test), for the projection
+)
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -67,12 +91,17 @@ GROUP = 8  # photos per group folder
 def make_photos(root: Path, count: int) -> Path:
     """`count` distinct 750x1101 JPEGs (DeepFashion high-res size) made from the real fixture
     photos (crop, mirror, brightness), GROUP per folder."""
-    sources = [Image.open(p).convert("RGB") for p in sorted(FIXTURES.glob("pcdms_img*_750x1101.png"))]
+    sources = [
+        Image.open(p).convert("RGB")
+        for p in sorted(FIXTURES.glob("pcdms_img*_750x1101.png"))
+    ]
     assert sources, f"no fixture photos in {FIXTURES}; set POSEDATA_FIXTURES"
     for i in range(count):
         image = sources[i % len(sources)]
         inset = 4 * (i // len(sources)) % 120
-        image = image.crop((inset, inset, 750 - inset, 1101 - inset)).resize((750, 1101), Image.Resampling.BICUBIC)
+        image = image.crop((inset, inset, 750 - inset, 1101 - inset)).resize(
+            (750, 1101), Image.Resampling.BICUBIC
+        )
         if (i // len(sources)) % 2:
             image = ImageOps.mirror(image)
         image = ImageEnhance.Brightness(image).enhance(0.9 + 0.01 * (i % 20))
@@ -89,11 +118,33 @@ def stored_images(root: Path, resolution: tuple[int, int], count: int) -> list[S
     """The first `count` photos as the extractors see them in a build: decoded, resized,
     JPEG-encoded as stored, decoded again (posedata.build.decode_rows + decode_jpeg_rgb)."""
     paths = sorted(root.rglob("*.jpg"))[:count]
-    rows = decode_rows([{"key": p.stem, "split": "train", "group": p.parent.name, "path": str(p), "annotations": ""} for p in paths], *resolution)
-    return [Sample(key=r["key"], image=decode_jpeg_rgb(r["jpg"]), annotations={}, original_size=(r["original_height"], r["original_width"])) for r in rows]
+    rows = decode_rows(
+        [
+            {
+                "key": p.stem,
+                "split": "train",
+                "group": p.parent.name,
+                "path": str(p),
+                "annotations": "",
+            }
+            for p in paths
+        ],
+        *resolution,
+    )
+    return [
+        Sample(
+            key=r["key"],
+            image=decode_jpeg_rgb(r["jpg"]),
+            annotations={},
+            original_size=(r["original_height"], r["original_width"]),
+        )
+        for r in rows
+    ]
 
 
-def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, device: str) -> dict[str, dict]:
+def model_only(
+    specs: list[str], samples: list[Sample], config: BuildConfig, device: str
+) -> dict[str, dict]:
     """Seconds and images/s of each extractor of `specs` (in dependency order) on `samples`, in
     the build's micro-batches; a required feature's outputs are fed the way the build feeds
     them (encoded as stored, decoded)."""
@@ -106,16 +157,26 @@ def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, dev
     done: dict[str, list[dict]] = {}  # spec -> outputs per sample, for dependants
     made = {}
     for spec in dependency_order(specs):
-        extractor = create_extractor(spec, upstream=upstream_folders(spec, made), **plan.extractor_kwargs[spec])
+        extractor = create_extractor(
+            spec, upstream=upstream_folders(spec, made), **plan.extractor_kwargs[spec]
+        )
         made[spec] = extractor
         extractor.setup(device)
         for dep in extractor.requires:
             provider = next(s for s in done if s.split(":")[0] == dep)
             for sample, outputs in zip(samples, done[provider]):
-                sample[dep] = {suffix: decode_output(suffix, encode_output(suffix, value)) for suffix, value in outputs.items() if not suffix.startswith("__")}
+                sample[dep] = {
+                    suffix: decode_output(suffix, encode_output(suffix, value))
+                    for suffix, value in outputs.items()
+                    if not suffix.startswith("__")
+                }
         size = config.batch_sizes.get(spec) or extractor.batch_size
         rows = [{"shard": "train-000000", "index": i} for i in range(len(samples))]
-        batches = [[samples[r["index"]] for r in group[start : start + size]] for group in micro_batches(rows, MICRO_BATCH) for start in range(0, len(group), size)]
+        batches = [
+            [samples[r["index"]] for r in group[start : start + size]]
+            for group in micro_batches(rows, MICRO_BATCH)
+            for start in range(0, len(group), size)
+        ]
         extractor(batches[0])  # warm-up (lazy init, allocator, cuDNN)
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         outputs: list[dict] = []
@@ -126,29 +187,222 @@ def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, dev
         sync()
         seconds = time.perf_counter() - start
         done[spec] = outputs
-        results[spec] = {"seconds": seconds, "images": len(samples), "images_per_s": len(samples) / seconds, "batch_size": min(size, MICRO_BATCH)}
+        results[spec] = {
+            "seconds": seconds,
+            "images": len(samples),
+            "images_per_s": len(samples) / seconds,
+            "batch_size": min(size, MICRO_BATCH),
+        }
         del extractor
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     for sample in samples:
-        for key in [k for k in sample if k not in ("key", "image", "annotations", "original_size")]:
+        for key in [
+            k
+            for k in sample
+            if k not in ("key", "image", "annotations", "original_size")
+        ]:
             del sample[key]
     return results
+
+
+def _ceiling_worker(
+    spec: str,
+    root: str,
+    resolution: tuple[int, int],
+    count: int,
+    weights: str,
+    barrier,
+    results,
+) -> None:
+    """One process of `machine_ceiling`: the build's actor work for `spec` minus Ray."""
+    import torch
+
+    torch.set_num_threads(1)
+    samples = stored_images(Path(root), resolution, count)
+    config = BuildConfig(
+        source="folder",
+        root=root,
+        out="/nonexistent",
+        resolution=resolution,
+        features=[spec],
+        weights=weights,
+    )
+    extractor = create_extractor(spec, **make_plan(config).extractor_kwargs[spec])
+    extractor.setup("cpu")
+    size = extractor.batch_size
+    batches = [samples[i : i + size] for i in range(0, len(samples), size)]
+    extractor(batches[0])  # warm-up
+    barrier.wait()  # every process starts timing together
+    start = time.perf_counter()
+    for batch in batches:
+        extractor(batch)
+    results.put(len(samples) / (time.perf_counter() - start))
+
+
+def machine_ceiling(
+    spec: str, root: Path, resolution: tuple[int, int], count: int, weights: str
+) -> dict:
+    """What two single-threaded processes running the same model get out of this machine
+    next to one, with no Ray, decode or writes: the most a 2-worker build could scale. On a
+    VM whose 2 vCPUs share caches, memory bandwidth or a physical core it is below 2."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rates = {}
+    for processes in (1, 2):
+        barrier, results = context.Barrier(processes), context.Queue()
+        workers = [
+            context.Process(
+                target=_ceiling_worker,
+                args=(spec, str(root), resolution, count, weights, barrier, results),
+            )
+            for _ in range(processes)
+        ]
+        for w in workers:
+            w.start()
+        per_process = [results.get(timeout=3600) for _ in workers]
+        for w in workers:
+            w.join()
+        rates[processes] = {
+            "images_per_s": sum(per_process),
+            "per_process": per_process,
+        }
+    return {
+        "feature": spec,
+        "images": count,
+        "processes": rates,
+        "ratio_2_vs_1": rates[2]["images_per_s"] / rates[1]["images_per_s"],
+    }
+
+
+def model_bound(models: dict[str, dict], chain: list[str], resources: dict) -> dict:
+    """The model-only images/s an end-to-end build of `chain` is compared with. With a GPU
+    every extractor shares it, so the bound is the extractors one after the other (1 / the
+    sum of their seconds per image). On CPU each extractor is a single-threaded actor and
+    the actors run side by side, so the bound is min(CPUs / sum, 1 / slowest)."""
+    seconds = [models[s]["seconds"] / models[s]["images"] for s in chain]
+    sequential = 1 / sum(seconds)
+    cpus = resources.get("CPU", 1)
+    if resources.get("GPU") or len(chain) == 1:
+        return {
+            "model_only_images_per_s": sequential,
+            "model_only_sequential_images_per_s": sequential,
+            "model_only_bound": "sequential",
+        }
+    parallel = min(cpus / sum(seconds), 1 / max(seconds))
+    return {
+        "model_only_images_per_s": parallel,
+        "model_only_sequential_images_per_s": sequential,
+        "model_only_bound": f"min({cpus:g} CPUs / sum, 1 / slowest)",
+    }
 
 
 # ---- end to end ------------------------------------------------------------------------------------
 
 
-def inprocess_build(config: BuildConfig) -> float:
-    start = time.perf_counter()
-    build(config, echo=lambda _: None)
-    return time.perf_counter() - start
+class TimedAdapter(posedata.pipeline._ActorAdapter):
+    """The build's actor, logging when it is ready and when each block is through. Defined
+    in this script, so Ray ships it by value to the workers; `log_path` travels with it."""
+
+    log_path = ""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._log({"event": "ready"})
+
+    def __call__(self, df):
+        start = time.time()
+        out = super().__call__(df)
+        self._log({"event": "block", "start": start, "rows": len(df)})
+        return out
+
+    def _log(self, record: dict) -> None:
+        record.update(stage=self.stage.spec.name, pid=os.getpid(), end=time.time())
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def timed_build(config: BuildConfig, log: Path, last_stage: str) -> dict:
+    """An in-process build with TimedAdapter actors: wall seconds and steady images/s."""
+    log.unlink(missing_ok=True)
+    TimedAdapter.log_path = str(log)
+    original = posedata.pipeline._ActorAdapter
+    posedata.pipeline._ActorAdapter = TimedAdapter
+    try:
+        start = time.perf_counter()
+        build(config, echo=lambda _: None)
+        wall = time.perf_counter() - start
+    finally:
+        posedata.pipeline._ActorAdapter = original
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    blocks = sorted(
+        (r for r in records if r["event"] == "block" and r["stage"] == last_stage),
+        key=lambda r: r["end"],
+    )
+    # Per actor of the last stage: images of its blocks after its first, over the time from its
+    # first block's end to its last's; actors working side by side add up.
+    rates = []
+    for pid in {r["pid"] for r in blocks}:
+        mine = [r for r in blocks if r["pid"] == pid]
+        if len(mine) > 1 and mine[-1]["end"] > mine[0]["end"]:
+            rates.append(
+                sum(r["rows"] for r in mine[1:]) / (mine[-1]["end"] - mine[0]["end"])
+            )
+    # Span: from the first block any actor starts to the last block the last stage ends. It
+    # leaves out start-up (Ray, actors, models, scan) and the final writes, but keeps every
+    # wait of an actor on decode or on the stage before it, and the pipeline's fill and drain,
+    # so it can only understate the pipeline's rate.
+    started = min(r["start"] for r in records if r["event"] == "block")
+    span = max(r["end"] for r in blocks) - started
+    busy = {}
+    for r in records:
+        if r["event"] == "block":
+            b = busy.setdefault(r["stage"], {"rows": 0, "seconds": 0.0})
+            b["rows"] += r["rows"]
+            b["seconds"] += r["end"] - r["start"]
+    return {
+        "wall_seconds": wall,
+        "blocks": len(blocks),
+        "actors_measured": len(rates),
+        "actors": len({r["pid"] for r in blocks}),
+        "span_seconds": span,
+        "span_images_per_s": sum(r["rows"] for r in blocks) / span,
+        "steady_images_per_s": sum(rates)
+        if rates and len(rates) == len({r["pid"] for r in blocks})
+        else None,
+        # per stage: images / seconds inside the actor's __call__ (model + sample decode + output encode)
+        "actor_images_per_s": {
+            s: b["rows"] / b["seconds"] for s, b in busy.items() if b["seconds"] > 0
+        },
+    }
 
 
 def cli_build(root: Path, out: Path, specs: list[str], args) -> dict:
-    command = [str(Path(sys.executable).with_name("posedata")), "build", "folder", "--root", str(root), "--out", str(out), "--res", args.res, "--weights", args.weights, "--features", ",".join(specs), "--overwrite"]
+    command = [
+        str(Path(sys.executable).with_name("posedata")),
+        "build",
+        "folder",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--res",
+        args.res,
+        "--weights",
+        args.weights,
+        "--features",
+        ",".join(specs),
+        "--overwrite",
+    ]
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), check=False)
+    proc = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
+        check=False,
+    )
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
@@ -159,17 +413,60 @@ def cli_build(root: Path, out: Path, specs: list[str], args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--features", default=",".join(DEFAULT_FEATURES), help="features measured one by one (plus all of them together); default: every default feature")
-    parser.add_argument("--weights", default="tiny", choices=("tiny", "random", "pretrained"))
-    parser.add_argument("--device", default="cpu", help="model-only device (cpu, cuda); the build uses CUDA whenever there is one")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--features",
+        default=",".join(DEFAULT_FEATURES),
+        help="features measured one by one (plus all of them together); default: every default feature",
+    )
+    parser.add_argument(
+        "--weights", default="tiny", choices=("tiny", "random", "pretrained")
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="model-only device (cpu, cuda); the build uses CUDA whenever there is one",
+    )
     parser.add_argument("--res", default="256x176", help="stored resolution HxW")
-    parser.add_argument("--images", type=int, default=96, help="N: builds of N and 2N images")
-    parser.add_argument("--cli", default="full", choices=("all", "full", "none"), help="which entries also get a `posedata build` subprocess timing")
-    parser.add_argument("--no-scaling", action="store_true", help="skip the --workers 2 vs 1 builds")
-    parser.add_argument("--scaling-features", default=None, help="features of the --workers 2 vs 1 builds (default: all of --features)")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=192,
+        help="images per build (6 micro-batches of 32: two or more per actor with --workers 2)",
+    )
+    parser.add_argument(
+        "--model-images", type=int, default=64, help="images of the model-only runs"
+    )
+    parser.add_argument(
+        "--cli",
+        default="full",
+        choices=("all", "full", "none"),
+        help="which entries also get a `posedata build` subprocess timing",
+    )
+    parser.add_argument(
+        "--no-scaling", action="store_true", help="skip the --workers 2 vs 1 builds"
+    )
+    parser.add_argument(
+        "--scaling-features",
+        default=None,
+        help="features of the --workers 2 vs 1 builds (default: all of --features)",
+    )
     parser.add_argument("--out", default=str(RESULTS / "extraction.json"))
+    parser.add_argument(
+        "--render",
+        metavar="JSON",
+        help="only print (and write beside it) the table of an earlier run's JSON",
+    )
     args = parser.parse_args()
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        table = markdown(result)
+        Path(args.render).with_suffix(".md").write_text(table)
+        print(table)
+        return
 
     import ray
 
@@ -179,21 +476,42 @@ def main() -> None:
     n = args.images
     tmp = Path(tempfile.mkdtemp(prefix="pdbench"))
     try:
-        root_n, root_2n = make_photos(tmp / "n", n), make_photos(tmp / "2n", 2 * n)
+        root = make_photos(tmp / "photos", n)
 
         def config(root: Path, features: list[str], workers: int = 1) -> BuildConfig:
-            return BuildConfig(source="folder", root=str(root), out=str(tmp / "out" / "ds"), resolution=resolution, features=features, weights=args.weights, executor="ray", workers=workers, overwrite=True)
+            return BuildConfig(
+                source="folder",
+                root=str(root),
+                out=str(tmp / "out" / "ds"),
+                resolution=resolution,
+                features=features,
+                weights=args.weights,
+                executor="ray",
+                workers=workers,
+                overwrite=True,
+            )
 
         # Model only, every extractor once (dependencies included), on N images.
         started = time.perf_counter()
-        samples = stored_images(root_n, resolution, n)
+        m = min(args.model_images, n)
+        samples = stored_images(root, resolution, m)
         decode_seconds = time.perf_counter() - started
         all_specs = dependency_order(specs)
-        print(f"model-only: {len(all_specs)} extractors on {n} images at {args.res} ({args.weights}, {args.device})", flush=True)
-        models = model_only(all_specs, samples, config(root_n, all_specs), args.device)
+        print(
+            f"model-only: {len(all_specs)} extractors on {m} images at {args.res} ({args.weights}, {args.device})",
+            flush=True,
+        )
+        models = model_only(all_specs, samples, config(root, all_specs), args.device)
 
         started = time.perf_counter()
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
         ray_start = time.perf_counter() - started
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
@@ -201,18 +519,43 @@ def main() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         resources = ray.cluster_resources()
 
-        entries = [(spec, dependency_order([spec])) for spec in specs] + ([("full set", all_specs)] if len(specs) > 1 else [])
+        entries = [(spec, dependency_order([spec])) for spec in specs] + (
+            [("full set", all_specs)] if len(specs) > 1 else []
+        )
         rows: list[dict] = []
         result = {
             "command": "python bench/extraction.py " + " ".join(sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "git": subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip(),
             "machine": machine(),
             "load_average_at_start": os.getloadavg(),
-            "ray_resources": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
+            "ray_resources": {
+                k: v for k, v in resources.items() if k in ("CPU", "GPU")
+            },
             "ray_start_seconds": ray_start,
-            "settings": {"weights": args.weights, "device": args.device, "resolution": list(resolution), "images": n, "micro_batch": MICRO_BATCH, "workers": 1},
-            "decode_only": {"seconds": decode_seconds, "images": n, "images_per_s": n / decode_seconds, "what": "posedata.build.decode_rows (read, decode 750x1101 JPEG, resize, JPEG q95) + decode_jpeg_rgb, one process"},
+            "settings": {
+                "weights": args.weights,
+                "device": args.device,
+                "resolution": list(resolution),
+                "images": n,
+                "model_images": m,
+                "micro_batch": MICRO_BATCH,
+                "workers": 1,
+            },
+            "decode_only": {
+                "seconds": decode_seconds,
+                "images": m,
+                "images_per_s": m / decode_seconds,
+                "what": "posedata.build.decode_rows (read, decode 750x1101 JPEG, resize, JPEG q95) + decode_jpeg_rgb, one process",
+            },
             "model_only": models,
             "entries": rows,
             "scaling": None,
@@ -222,40 +565,77 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         for label, chain in entries:
             print(f"end to end: {label} ({', '.join(chain)})", flush=True)
-            t_n = inprocess_build(config(root_n, chain))
-            t_2n = inprocess_build(config(root_2n, chain))
-            model_seconds = sum(models[s]["seconds"] for s in chain)
+            timed = timed_build(config(root, chain), tmp / "timeline.jsonl", chain[-1])
             row = {
                 "feature": label,
                 "extractors": chain,
                 "batch_size": {s: models[s]["batch_size"] for s in chain},
-                "model_only_images_per_s": n / model_seconds,
-                "build_n_seconds": t_n,
-                "build_2n_seconds": t_2n,
-                "e2e_steady_images_per_s": n / (t_2n - t_n) if t_2n > t_n else None,
-                "e2e_inprocess_wall_images_per_s": 2 * n / t_2n,
+                **model_bound(models, chain, resources),
+                "e2e_images_per_s": timed["span_images_per_s"],
+                "e2e_steady_images_per_s": timed["steady_images_per_s"],
+                "e2e_inprocess_wall_images_per_s": n / timed["wall_seconds"],
+                "timed_build": timed,
             }
-            row["efficiency"] = row["e2e_steady_images_per_s"] / row["model_only_images_per_s"] if row["e2e_steady_images_per_s"] else None
-            if args.cli == "all" or (args.cli == "full" and (label == "full set" or len(entries) == 1)):
-                cli = cli_build(root_2n, tmp / "cli" / "ds", chain, args)
+            row["efficiency"] = row["e2e_images_per_s"] / row["model_only_images_per_s"]
+            if args.cli == "all" or (
+                args.cli == "full" and (label == "full set" or len(entries) == 1)
+            ):
+                cli = cli_build(root, tmp / "cli" / "ds", chain, args)
                 row["cli_wall_seconds"] = cli["seconds"]
-                row["e2e_wall_images_per_s"] = 2 * n / cli["seconds"]
+                row["e2e_wall_images_per_s"] = n / cli["seconds"]
                 row["cli_command"] = cli["command"]
             rows.append(row)
             out.write_text(json.dumps(result, indent=2) + "\n")  # what there is so far
-            print("  " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in ("extractors", "batch_size")}), flush=True)
+            print(
+                "  "
+                + json.dumps(
+                    {
+                        k: (round(v, 3) if isinstance(v, float) else v)
+                        for k, v in row.items()
+                        if k not in ("extractors", "batch_size", "timed_build")
+                    }
+                ),
+                flush=True,
+            )
 
         if not args.no_scaling:
-            chain = dependency_order([f.strip() for f in args.scaling_features.split(",")]) if args.scaling_features else all_specs
-            steady = {}
+            chain = (
+                dependency_order([f.strip() for f in args.scaling_features.split(",")])
+                if args.scaling_features
+                else all_specs
+            )
+            timed = {}
             for workers in (1, 2):
-                print(f"scaling: {len(chain)} extractors, --workers {workers}", flush=True)
-                t_n = inprocess_build(config(root_n, chain, workers))
-                t_2n = inprocess_build(config(root_2n, chain, workers))
-                steady[workers] = {"build_n_seconds": t_n, "build_2n_seconds": t_2n, "e2e_steady_images_per_s": n / (t_2n - t_n) if t_2n > t_n else None}
-            ratio = steady[2]["e2e_steady_images_per_s"] / steady[1]["e2e_steady_images_per_s"] if steady[1]["e2e_steady_images_per_s"] and steady[2]["e2e_steady_images_per_s"] else None
-            wall_ratio = steady[1]["build_2n_seconds"] / steady[2]["build_2n_seconds"]
-            result["scaling"] = {"features": chain, "workers": steady, "ratio_2_vs_1": ratio, "wall_ratio_2_vs_1": wall_ratio}
+                print(f"scaling: {', '.join(chain)}, --workers {workers}", flush=True)
+                timed[workers] = timed_build(
+                    config(root, chain, workers), tmp / "timeline.jsonl", chain[-1]
+                )
+            result["scaling"] = {
+                "features": chain,
+                "workers": timed,
+                "ratio_2_vs_1": timed[2]["span_images_per_s"]
+                / timed[1]["span_images_per_s"],
+                "wall_ratio_2_vs_1": timed[1]["wall_seconds"]
+                / timed[2]["wall_seconds"],
+            }
+            if args.device == "cpu":
+                # The slowest model that needs no other feature's outputs (those are fed in the build only).
+                heaviest = max(
+                    (
+                        s
+                        for s in chain
+                        if s in models and not extractor_class(s).requires
+                    ),
+                    key=lambda s: models[s]["seconds"],
+                )
+                print(
+                    f"machine ceiling: {heaviest} model-only in 1 vs 2 processes at once",
+                    flush=True,
+                )
+                result["scaling"]["machine_ceiling"] = machine_ceiling(
+                    heaviest, root, resolution, m, args.weights
+                )
+            out.write_text(json.dumps(result, indent=2) + "\n")
         ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -290,33 +670,85 @@ def fmt(value, digits: int = 1) -> str:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    end = result.get("load_average_at_end", [float("nan")])[0]
     lines = [
         f"- command: `{result['command']}`",
         f"- date: {result['date']}; git {result['git']}",
-        f"- machine: {result['machine']}; Ray resources {result['ray_resources']}; load average {result['load_average_at_start'][0]:.1f} at the start, {result['load_average_at_end'][0]:.1f} at the end",
+        f"- machine: {result['machine']}; Ray resources {result['ray_resources']}; load average {result['load_average_at_start'][0]:.1f} at the start, {end:.1f} at the end",
+        f"- builds of {s['images']} photos (750x1101 JPEG) stored at {s['resolution'][0]}x{s['resolution'][1]}, weights `{s['weights']}`, one actor per extractor, micro-batch {s['micro_batch']}; model-only on `{s['device']}` over {s['model_images']} images; Ray start-up {result['ray_start_seconds']:.1f} s",
         f"- decode only (read, decode, resize, store as JPEG, decode again; one process): {result['decode_only']['images_per_s']:.1f} images/s",
-        f"- {s['images']} / {2 * s['images']} images (750x1101 JPEG) stored at {s['resolution'][0]}x{s['resolution'][1]}, weights `{s['weights']}`, model-only on `{s['device']}`, one actor per extractor, micro-batch {s['micro_batch']}; Ray start-up {result['ray_start_seconds']:.1f} s",
+        "- e2e = images / (first block started by any actor -> last block ended by the last extractor): no start-up, but every wait on decode or on the stage before, fill and drain included",
+        "- model-only: one extractor alone, or for several their bound (see the column); steady = the last extractor's rate after its first block",
         "",
-        "| feature | batch | model-only img/s | e2e steady img/s | efficiency (steady / model) | e2e in-process wall img/s | `posedata build` wall img/s (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| feature | batch | model-only img/s (bound) | e2e img/s | **efficiency** (e2e / model-only) | e2e steady img/s | in the actor img/s | in-process build wall img/s (s) | `posedata build` wall img/s (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["entries"]:
+        timed = row["timed_build"]
         batch = ", ".join(str(b) for b in dict.fromkeys(row["batch_size"].values()))
-        wall = f"{fmt(row.get('e2e_wall_images_per_s'), 2)} ({row['cli_wall_seconds']:.0f} s)" if "cli_wall_seconds" in row else ""
-        lines.append(f"| {row['feature']}{' (' + ' + '.join(row['extractors']) + ')' if len(row['extractors']) > 1 and row['feature'] != 'full set' else ''} | {batch} | {fmt(row['model_only_images_per_s'])} | {fmt(row['e2e_steady_images_per_s'])} | {fmt(row['efficiency'], 2)} | {fmt(row['e2e_inprocess_wall_images_per_s'])} | {wall} |")
+        name = row["feature"] + (
+            " (" + " + ".join(row["extractors"]) + ")"
+            if len(row["extractors"]) > 1 and row["feature"] != "full set"
+            else ""
+        )
+        bound = (
+            ""
+            if row["model_only_bound"] == "sequential"
+            else f" ({row['model_only_bound']}; one after the other {row['model_only_sequential_images_per_s']:.2f})"
+        )
+        actor = ", ".join(
+            fmt(timed["actor_images_per_s"].get(e)) for e in row["extractors"]
+        )
+        wall = (
+            f"{fmt(row.get('e2e_wall_images_per_s'), 2)} ({row['cli_wall_seconds']:.0f} s)"
+            if "cli_wall_seconds" in row
+            else ""
+        )
+        lines.append(
+            f"| {name} | {batch} | {fmt(row['model_only_images_per_s'], 2)}{bound} | {fmt(row['e2e_images_per_s'], 2)} | **{fmt(row['efficiency'], 2)}** | {fmt(row['e2e_steady_images_per_s'], 2)} "
+            f"| {actor} | {fmt(row['e2e_inprocess_wall_images_per_s'], 2)} ({timed['wall_seconds']:.0f} s) | {wall} |"
+        )
+    full = [row for row in result["entries"] if row["feature"] == "full set"] or result[
+        "entries"
+    ][-1:]
+    if full:
+        rate = full[0]["e2e_images_per_s"]
+        gpus = result["ray_resources"].get("GPU")
+        where = (
+            f"{gpus:g} GPU(s)"
+            if gpus
+            else f"{result['ray_resources'].get('CPU', 0):g} CPUs"
+        )
+        lines += [
+            "",
+            f"Projected time for DeepFashion's {DEEPFASHION_IMAGES:,} images at the e2e rate of {full[0]['feature']} ({rate:.2f} images/s on {where}): {DEEPFASHION_IMAGES / rate / 60:,.1f} minutes.",
+        ]
     if result["scaling"]:
         sc = result["scaling"]
-        w1, w2 = sc["workers"][1], sc["workers"][2]
+        workers = {int(k): v for k, v in sc["workers"].items()}  # JSON has "1", "2"
+        w1, w2 = workers[1], workers[2]
         lines += [
             "",
             f"Scaling on CPU, {', '.join(sc['features'])}: one vs two actors per extractor (one torch thread each):",
             "",
-            "| --workers | e2e steady img/s | build of 2N, s |",
-            "|---|---|---|",
-            f"| 1 | {fmt(w1['e2e_steady_images_per_s'])} | {w1['build_2n_seconds']:.1f} |",
-            f"| 2 | {fmt(w2['e2e_steady_images_per_s'])} | {w2['build_2n_seconds']:.1f} |",
-            f"| 2 vs 1 | {fmt(sc['ratio_2_vs_1'], 2)}x | {sc['wall_ratio_2_vs_1']:.2f}x |",
+            "| --workers | e2e img/s | e2e steady img/s | in the actor img/s (per actor) | build wall, in-process (s) |",
+            "|---|---|---|---|---|",
+            f"| 1 | {fmt(w1['span_images_per_s'], 2)} | {fmt(w1['steady_images_per_s'], 2)} | {', '.join(fmt(v) for v in w1['actor_images_per_s'].values())} | {w1['wall_seconds']:.1f} |",
+            f"| 2 | {fmt(w2['span_images_per_s'], 2)} | {fmt(w2['steady_images_per_s'], 2)} | {', '.join(fmt(v) for v in w2['actor_images_per_s'].values())} | {w2['wall_seconds']:.1f} |",
+            f"| **2 vs 1** | **{fmt(sc['ratio_2_vs_1'], 2)}x** | | | {sc['wall_ratio_2_vs_1']:.2f}x |",
         ]
+        ceiling = sc.get("machine_ceiling")
+        if ceiling:
+            processes = {int(k): v for k, v in ceiling["processes"].items()}
+            lines += [
+                "",
+                (
+                    f"Machine ceiling: {ceiling['feature']} model-only, one torch thread per process, no Ray, {ceiling['images']} images: "
+                    f"1 process {processes[1]['images_per_s']:.2f} images/s, 2 processes at once {processes[2]['images_per_s']:.2f} images/s "
+                    f"({' + '.join(f'{v:.2f}' for v in processes[2]['per_process'])}): **{ceiling['ratio_2_vs_1']:.2f}x** is the most two workers can get from this machine; "
+                    f"the build reached {fmt(sc['ratio_2_vs_1'], 2)}x."
+                ),
+            ]
     return "\n".join(lines) + "\n"
 
 

@@ -206,10 +206,10 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
         options: dict[str, Any] = {}
         if gpus and cls.uses_model:
             options["num_gpus"] = cls.gpu_share
-            options["concurrency"] = max(1, int(gpus / cls.gpu_share))
+            options["compute"] = ray.data.ActorPoolStrategy(size=max(1, int(gpus / cls.gpu_share)))
         else:
             options["num_cpus"] = cpu_share
-            options["concurrency"] = job.workers or 1
+            options["compute"] = ray.data.ActorPoolStrategy(size=job.workers or 1)
         ds = ds.map_batches(
             _ActorAdapter,
             fn_constructor_kwargs=dict(spec=spec, location_url=job.location.url, storage_options=job.location.storage_options),

@@ -104,7 +104,7 @@ class Cluster:
         self.ray_start("--address", self.address, "--num-cpus", "1", "--disable-usage-stats")
 
     def nodes(self) -> dict:
-        code = "import json, ray; ray.init(address=%r, log_to_driver=False); print(json.dumps({'nodes': sum(n['Alive'] for n in ray.nodes()), 'cpus': ray.cluster_resources().get('CPU')}))" % self.address
+        code = f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False); print(json.dumps({{'nodes': sum(n['Alive'] for n in ray.nodes()), 'cpus': ray.cluster_resources().get('CPU')}}))"
         proc = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=120, check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -258,7 +258,9 @@ def ray_build(tree, tmp_path_factory):
     def spy(self, fn, *args, **kwargs):
         ctor = kwargs.get("fn_constructor_kwargs") or {}
         name = ctor.get("name") or getattr(ctor.get("spec"), "name", None) or getattr(fn, "__name__", repr(fn))
-        requests.append({"name": name, "actor": isinstance(fn, type), "num_cpus": kwargs.get("num_cpus", 1), "concurrency": kwargs.get("concurrency", 1)})
+        compute = kwargs.get("compute")
+        pool_size = compute.max_size if compute is not None else 1
+        requests.append({"name": name, "actor": isinstance(fn, type), "num_cpus": kwargs.get("num_cpus", 1), "pool_size": pool_size})
         return original(self, fn, *args, **kwargs)
 
     patch = pytest.MonkeyPatch()
@@ -338,7 +340,7 @@ def test_ray_actors_leave_room_for_decode_and_write(ray_build):
     actors = [r for r in ray_build.requests if r["actor"]]
     tasks = [r for r in ray_build.requests if not r["actor"]]
     assert actors and tasks
-    held = sum(r["num_cpus"] * r["concurrency"] for r in actors)
+    held = sum(r["num_cpus"] * r["pool_size"] for r in actors)
     assert held + max(r["num_cpus"] for r in tasks) <= ray_build.cpus
 
 
