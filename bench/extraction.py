@@ -73,16 +73,11 @@ from posedata.images import decode_jpeg_rgb
 from posedata.pipeline import Job, micro_batches
 from posedata.shards import decode_output, encode_output
 
-FIXTURES = (
-    Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures"))
-    / "deepfashion"
-)
+FIXTURES = Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures")) / "deepfashion"
 RESULTS = REPO / "bench" / "results"
 MICRO_BATCH = Job.micro_batch  # the build's fixed micro-batch (posedata.pipeline)
 GROUP = 8  # photos per group folder
-DEEPFASHION_IMAGES = (
-    52_712  # the In-shop benchmark's images (train + test), for the projection
-)
+DEEPFASHION_IMAGES = 52_712  # the In-shop benchmark's images (train + test), for the projection
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -91,17 +86,12 @@ DEEPFASHION_IMAGES = (
 def make_photos(root: Path, count: int) -> Path:
     """`count` distinct 750x1101 JPEGs (DeepFashion high-res size) made from the real fixture
     photos (crop, mirror, brightness), GROUP per folder."""
-    sources = [
-        Image.open(p).convert("RGB")
-        for p in sorted(FIXTURES.glob("pcdms_img*_750x1101.png"))
-    ]
+    sources = [Image.open(p).convert("RGB") for p in sorted(FIXTURES.glob("pcdms_img*_750x1101.png"))]
     assert sources, f"no fixture photos in {FIXTURES}; set POSEDATA_FIXTURES"
     for i in range(count):
         image = sources[i % len(sources)]
         inset = 4 * (i // len(sources)) % 120
-        image = image.crop((inset, inset, 750 - inset, 1101 - inset)).resize(
-            (750, 1101), Image.Resampling.BICUBIC
-        )
+        image = image.crop((inset, inset, 750 - inset, 1101 - inset)).resize((750, 1101), Image.Resampling.BICUBIC)
         if (i // len(sources)) % 2:
             image = ImageOps.mirror(image)
         image = ImageEnhance.Brightness(image).enhance(0.9 + 0.01 * (i % 20))
@@ -142,9 +132,7 @@ def stored_images(root: Path, resolution: tuple[int, int], count: int) -> list[S
     ]
 
 
-def model_only(
-    specs: list[str], samples: list[Sample], config: BuildConfig, device: str
-) -> dict[str, dict]:
+def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, device: str) -> dict[str, dict]:
     """Seconds and images/s of each extractor of `specs` (in dependency order) on `samples`, in
     the build's micro-batches; a required feature's outputs are fed the way the build feeds
     them (encoded as stored, decoded)."""
@@ -157,26 +145,16 @@ def model_only(
     done: dict[str, list[dict]] = {}  # spec -> outputs per sample, for dependants
     made = {}
     for spec in dependency_order(specs):
-        extractor = create_extractor(
-            spec, upstream=upstream_folders(spec, made), **plan.extractor_kwargs[spec]
-        )
+        extractor = create_extractor(spec, upstream=upstream_folders(spec, made), **plan.extractor_kwargs[spec])
         made[spec] = extractor
         extractor.setup(device)
         for dep in extractor.requires:
             provider = next(s for s in done if s.split(":")[0] == dep)
             for sample, outputs in zip(samples, done[provider]):
-                sample[dep] = {
-                    suffix: decode_output(suffix, encode_output(suffix, value))
-                    for suffix, value in outputs.items()
-                    if not suffix.startswith("__")
-                }
+                sample[dep] = {suffix: decode_output(suffix, encode_output(suffix, value)) for suffix, value in outputs.items() if not suffix.startswith("__")}
         size = config.batch_sizes.get(spec) or extractor.batch_size
         rows = [{"shard": "train-000000", "index": i} for i in range(len(samples))]
-        batches = [
-            [samples[r["index"]] for r in group[start : start + size]]
-            for group in micro_batches(rows, MICRO_BATCH)
-            for start in range(0, len(group), size)
-        ]
+        batches = [[samples[r["index"]] for r in group[start : start + size]] for group in micro_batches(rows, MICRO_BATCH) for start in range(0, len(group), size)]
         extractor(batches[0])  # warm-up (lazy init, allocator, cuDNN)
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         outputs: list[dict] = []
@@ -197,11 +175,7 @@ def model_only(
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     for sample in samples:
-        for key in [
-            k
-            for k in sample
-            if k not in ("key", "image", "annotations", "original_size")
-        ]:
+        for key in [k for k in sample if k not in ("key", "image", "annotations", "original_size")]:
             del sample[key]
     return results
 
@@ -240,9 +214,7 @@ def _ceiling_worker(
     results.put(len(samples) / (time.perf_counter() - start))
 
 
-def machine_ceiling(
-    spec: str, root: Path, resolution: tuple[int, int], count: int, weights: str
-) -> dict:
+def machine_ceiling(spec: str, root: Path, resolution: tuple[int, int], count: int, weights: str) -> dict:
     """What two single-threaded processes running the same model get out of this machine
     next to one, with no Ray, decode or writes: the most a 2-worker build could scale. On a
     VM whose 2 vCPUs share caches, memory bandwidth or a physical core it is below 2."""
@@ -314,11 +286,14 @@ class TimedAdapter(posedata.pipeline._ActorAdapter):
     def __call__(self, df):
         start = time.time()
         out = super().__call__(df)
-        self._log({"event": "block", "start": start, "rows": len(df)})
+        end = time.time()
+        samples = sum(len(posedata.pipeline.unpack_rows(packed)) for packed in df["batch"])  # after the clock: not timed
+        self._log({"event": "block", "start": start, "end": end, "rows": samples})
         return out
 
     def _log(self, record: dict) -> None:
-        record.update(stage=self.stage.spec.name, pid=os.getpid(), end=time.time())
+        record.update(stage=self.stage.spec.name, pid=os.getpid())
+        record.setdefault("end", time.time())
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -346,9 +321,7 @@ def timed_build(config: BuildConfig, log: Path, last_stage: str) -> dict:
     for pid in {r["pid"] for r in blocks}:
         mine = [r for r in blocks if r["pid"] == pid]
         if len(mine) > 1 and mine[-1]["end"] > mine[0]["end"]:
-            rates.append(
-                sum(r["rows"] for r in mine[1:]) / (mine[-1]["end"] - mine[0]["end"])
-            )
+            rates.append(sum(r["rows"] for r in mine[1:]) / (mine[-1]["end"] - mine[0]["end"]))
     # Span: from the first block any actor starts to the last block the last stage ends. It
     # leaves out start-up (Ray, actors, models, scan) and the final writes, but keeps every
     # wait of an actor on decode or on the stage before it, and the pipeline's fill and drain,
@@ -368,13 +341,9 @@ def timed_build(config: BuildConfig, log: Path, last_stage: str) -> dict:
         "actors": len({r["pid"] for r in blocks}),
         "span_seconds": span,
         "span_images_per_s": sum(r["rows"] for r in blocks) / span,
-        "steady_images_per_s": sum(rates)
-        if rates and len(rates) == len({r["pid"] for r in blocks})
-        else None,
+        "steady_images_per_s": sum(rates) if rates and len(rates) == len({r["pid"] for r in blocks}) else None,
         # per stage: images / seconds inside the actor's __call__ (model + sample decode + output encode)
-        "actor_images_per_s": {
-            s: b["rows"] / b["seconds"] for s, b in busy.items() if b["seconds"] > 0
-        },
+        "actor_images_per_s": {s: b["rows"] / b["seconds"] for s, b in busy.items() if b["seconds"] > 0},
     }
 
 
@@ -422,9 +391,7 @@ def main() -> None:
         default=",".join(DEFAULT_FEATURES),
         help="features measured one by one (plus all of them together); default: every default feature",
     )
-    parser.add_argument(
-        "--weights", default="tiny", choices=("tiny", "random", "pretrained")
-    )
+    parser.add_argument("--weights", default="tiny", choices=("tiny", "random", "pretrained"))
     parser.add_argument(
         "--device",
         default="cpu",
@@ -437,18 +404,15 @@ def main() -> None:
         default=192,
         help="images per build (6 micro-batches of 32: two or more per actor with --workers 2)",
     )
-    parser.add_argument(
-        "--model-images", type=int, default=64, help="images of the model-only runs"
-    )
+    parser.add_argument("--model-images", type=int, default=64, help="images of the model-only runs")
     parser.add_argument(
         "--cli",
         default="full",
         choices=("all", "full", "none"),
         help="which entries also get a `posedata build` subprocess timing",
     )
-    parser.add_argument(
-        "--no-scaling", action="store_true", help="skip the --workers 2 vs 1 builds"
-    )
+    parser.add_argument("--entries", default="both", choices=("each", "full", "both"), help="end-to-end builds of each feature alone, of the full set, or both")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the --workers 2 vs 1 builds")
     parser.add_argument(
         "--scaling-features",
         default=None,
@@ -519,15 +483,13 @@ def main() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         resources = ray.cluster_resources()
 
-        entries = [(spec, dependency_order([spec])) for spec in specs] + (
-            [("full set", all_specs)] if len(specs) > 1 else []
-        )
+        each = [(spec, dependency_order([spec])) for spec in specs] if args.entries in ("each", "both") else []
+        full = [("full set", all_specs)] if len(specs) > 1 and args.entries in ("full", "both") else []
+        entries = each + full
         rows: list[dict] = []
         result = {
             "command": "python bench/extraction.py " + " ".join(sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git": subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"],
                 cwd=REPO,
@@ -537,9 +499,7 @@ def main() -> None:
             ).stdout.strip(),
             "machine": machine(),
             "load_average_at_start": os.getloadavg(),
-            "ray_resources": {
-                k: v for k, v in resources.items() if k in ("CPU", "GPU")
-            },
+            "ray_resources": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
             "ray_start_seconds": ray_start,
             "settings": {
                 "weights": args.weights,
@@ -577,9 +537,7 @@ def main() -> None:
                 "timed_build": timed,
             }
             row["efficiency"] = row["e2e_images_per_s"] / row["model_only_images_per_s"]
-            if args.cli == "all" or (
-                args.cli == "full" and (label == "full set" or len(entries) == 1)
-            ):
+            if args.cli == "all" or (args.cli == "full" and (label == "full set" or len(entries) == 1)):
                 cli = cli_build(root, tmp / "cli" / "ds", chain, args)
                 row["cli_wall_seconds"] = cli["seconds"]
                 row["e2e_wall_images_per_s"] = n / cli["seconds"]
@@ -587,54 +545,33 @@ def main() -> None:
             rows.append(row)
             out.write_text(json.dumps(result, indent=2) + "\n")  # what there is so far
             print(
-                "  "
-                + json.dumps(
-                    {
-                        k: (round(v, 3) if isinstance(v, float) else v)
-                        for k, v in row.items()
-                        if k not in ("extractors", "batch_size", "timed_build")
-                    }
-                ),
+                "  " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in ("extractors", "batch_size", "timed_build")}),
                 flush=True,
             )
 
         if not args.no_scaling:
-            chain = (
-                dependency_order([f.strip() for f in args.scaling_features.split(",")])
-                if args.scaling_features
-                else all_specs
-            )
+            chain = dependency_order([f.strip() for f in args.scaling_features.split(",")]) if args.scaling_features else all_specs
             timed = {}
             for workers in (1, 2):
                 print(f"scaling: {', '.join(chain)}, --workers {workers}", flush=True)
-                timed[workers] = timed_build(
-                    config(root, chain, workers), tmp / "timeline.jsonl", chain[-1]
-                )
+                timed[workers] = timed_build(config(root, chain, workers), tmp / "timeline.jsonl", chain[-1])
             result["scaling"] = {
                 "features": chain,
                 "workers": timed,
-                "ratio_2_vs_1": timed[2]["span_images_per_s"]
-                / timed[1]["span_images_per_s"],
-                "wall_ratio_2_vs_1": timed[1]["wall_seconds"]
-                / timed[2]["wall_seconds"],
+                "ratio_2_vs_1": timed[2]["span_images_per_s"] / timed[1]["span_images_per_s"],
+                "wall_ratio_2_vs_1": timed[1]["wall_seconds"] / timed[2]["wall_seconds"],
             }
             if args.device == "cpu":
                 # The slowest model that needs no other feature's outputs (those are fed in the build only).
                 heaviest = max(
-                    (
-                        s
-                        for s in chain
-                        if s in models and not extractor_class(s).requires
-                    ),
+                    (s for s in chain if s in models and not extractor_class(s).requires),
                     key=lambda s: models[s]["seconds"],
                 )
                 print(
                     f"machine ceiling: {heaviest} model-only in 1 vs 2 processes at once",
                     flush=True,
                 )
-                result["scaling"]["machine_ceiling"] = machine_ceiling(
-                    heaviest, root, resolution, m, args.weights
-                )
+                result["scaling"]["machine_ceiling"] = machine_ceiling(heaviest, root, resolution, m, args.weights)
             out.write_text(json.dumps(result, indent=2) + "\n")
         ray.shutdown()
     finally:
@@ -686,39 +623,19 @@ def markdown(result: dict) -> str:
     for row in result["entries"]:
         timed = row["timed_build"]
         batch = ", ".join(str(b) for b in dict.fromkeys(row["batch_size"].values()))
-        name = row["feature"] + (
-            " (" + " + ".join(row["extractors"]) + ")"
-            if len(row["extractors"]) > 1 and row["feature"] != "full set"
-            else ""
-        )
-        bound = (
-            ""
-            if row["model_only_bound"] == "sequential"
-            else f" ({row['model_only_bound']}; one after the other {row['model_only_sequential_images_per_s']:.2f})"
-        )
-        actor = ", ".join(
-            fmt(timed["actor_images_per_s"].get(e)) for e in row["extractors"]
-        )
-        wall = (
-            f"{fmt(row.get('e2e_wall_images_per_s'), 2)} ({row['cli_wall_seconds']:.0f} s)"
-            if "cli_wall_seconds" in row
-            else ""
-        )
+        name = row["feature"] + (" (" + " + ".join(row["extractors"]) + ")" if len(row["extractors"]) > 1 and row["feature"] != "full set" else "")
+        bound = "" if row["model_only_bound"] == "sequential" else f" ({row['model_only_bound']}; one after the other {row['model_only_sequential_images_per_s']:.2f})"
+        actor = ", ".join(fmt(timed["actor_images_per_s"].get(e)) for e in row["extractors"])
+        wall = f"{fmt(row.get('e2e_wall_images_per_s'), 2)} ({row['cli_wall_seconds']:.0f} s)" if "cli_wall_seconds" in row else ""
         lines.append(
             f"| {name} | {batch} | {fmt(row['model_only_images_per_s'], 2)}{bound} | {fmt(row['e2e_images_per_s'], 2)} | **{fmt(row['efficiency'], 2)}** | {fmt(row['e2e_steady_images_per_s'], 2)} "
             f"| {actor} | {fmt(row['e2e_inprocess_wall_images_per_s'], 2)} ({timed['wall_seconds']:.0f} s) | {wall} |"
         )
-    full = [row for row in result["entries"] if row["feature"] == "full set"] or result[
-        "entries"
-    ][-1:]
+    full = [row for row in result["entries"] if row["feature"] == "full set"] or result["entries"][-1:]
     if full:
         rate = full[0]["e2e_images_per_s"]
         gpus = result["ray_resources"].get("GPU")
-        where = (
-            f"{gpus:g} GPU(s)"
-            if gpus
-            else f"{result['ray_resources'].get('CPU', 0):g} CPUs"
-        )
+        where = f"{gpus:g} GPU(s)" if gpus else f"{result['ray_resources'].get('CPU', 0):g} CPUs"
         lines += [
             "",
             f"Projected time for DeepFashion's {DEEPFASHION_IMAGES:,} images at the e2e rate of {full[0]['feature']} ({rate:.2f} images/s on {where}): {DEEPFASHION_IMAGES / rate / 60:,.1f} minutes.",

@@ -190,38 +190,37 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     init_ray(job.address)
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
-    # One block per micro-batch, and every stage takes whole blocks (batch_size=None), so
-    # Ray never regroups samples between forward passes.
-    groups = [{"rows": json.dumps(group)} for group in micro_batches(job.inputs, job.micro_batch)]
+    # One Ray row per micro-batch (its samples packed as an Arrow IPC stream), and every
+    # stage takes one row at a time: whatever Ray does with blocks (it requires a batch size
+    # with GPUs, and then bundles and slices blocks across boundaries), the samples that
+    # share a forward pass are the plan's micro-batches.
+    groups = [{"shard": group[0]["shard"], "rows": json.dumps(group)} for group in micro_batches(job.inputs, job.micro_batch)]
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     prepare = job.prepare
 
     def expand(df: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame(prepare([row for text in df["rows"] for row in json.loads(text)]))
+        return pd.DataFrame({"shard": df["shard"], "batch": [pack_rows(prepare(json.loads(text))) for text in df["rows"]]})
 
-    ds = ds.map_batches(expand, batch_format="pandas", batch_size=None, num_cpus=TASK_CPUS)
-    cpu_shares = cpu_budget(cpus, [extractor_class(spec.name).uses_model for spec in job.stages], job.workers or 1)
-    for spec, cpu_share in zip(job.stages, cpu_shares):
-        cls = extractor_class(spec.name)
-        options: dict[str, Any] = {}
-        if gpus and cls.uses_model:
-            options["num_gpus"] = cls.gpu_share
-            options["compute"] = ray.data.ActorPoolStrategy(size=max(1, int(gpus / cls.gpu_share)))
-        else:
-            options["num_cpus"] = cpu_share
-            options["compute"] = ray.data.ActorPoolStrategy(size=job.workers or 1)
+    ds = ds.map_batches(expand, batch_format="pandas", batch_size=1, num_cpus=TASK_CPUS)
+    requests = actor_requests([extractor_class(spec.name) for spec in job.stages], cpus, gpus, job.workers or 1)
+    pools = ", ".join(f"{spec.name} {r.pool_size}x({r.num_cpus:g} CPU" + (f", {r.num_gpus:g} GPU)" if r.num_gpus else ")") for spec, r in zip(job.stages, requests))
+    echo(f"ray: {cpus} CPUs, {gpus:g} GPUs; actor pools: {pools}")
+    for spec, request in zip(job.stages, requests):
+        options: dict[str, Any] = {"num_cpus": request.num_cpus, "compute": ray.data.ActorPoolStrategy(size=request.pool_size)}
+        if request.num_gpus:
+            options["num_gpus"] = request.num_gpus
         ds = ds.map_batches(
             _ActorAdapter,
             fn_constructor_kwargs=dict(spec=spec, location_url=job.location.url, storage_options=job.location.storage_options),
             batch_format="pandas",
-            batch_size=None,
+            batch_size=1,
             **options,
         )
 
     write = job.write
 
     def write_group(df: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame([write(df.to_dict("records"))])
+        return pd.DataFrame([write([row for packed in df["batch"] for row in unpack_rows(packed)])])
 
     return ds.groupby("shard").map_groups(write_group, batch_format="pandas", num_cpus=TASK_CPUS).take_all()
 
@@ -230,6 +229,52 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
 # never wait behind the actors.
 TASK_CPUS = 0.5
 LIGHT_ACTOR_CPUS = 0.05  # extractors without a model (annotation import)
+
+
+@dataclass(frozen=True)
+class ActorRequest:
+    """What one extractor's Ray actor pool asks for: per actor, and how many actors."""
+
+    num_cpus: float
+    num_gpus: float
+    pool_size: int
+
+
+def actor_requests(classes: list[type], cpus: int, gpus: float, workers: int) -> list[ActorRequest]:
+    """Actor pools for the extractors of one job, in order, that fit the cluster together.
+
+    Ray reserves an actor's resources for its whole life and Ray Data starts every pool at
+    once, so the pools must fit side by side or a later stage never gets an actor and the job
+    waits forever. On CPU: `workers` actors per extractor (see cpu_budget). With GPUs: every
+    model shares each GPU, one actor per model per GPU, its share of a GPU in proportion to
+    the extractor's `gpu_share` (scaled down when the shares add up to more than one GPU;
+    when they add up to half a GPU or less, several copies per GPU keep it busy).
+
+    The shares are reservations for Ray's scheduler, not limits on the GPU, so leaving some
+    unreserved costs nothing, and it must be left: Ray places fractional actors first-fit, and
+    first-fit can strand up to one actor's share on each GPU. Reserving at most (1 - the
+    largest share) per GPU guarantees that every actor finds room."""
+    uses_model = [cls.uses_model for cls in classes]
+    if not gpus:
+        shares = cpu_budget(cpus, uses_model, workers)
+        return [ActorRequest(share, 0.0, workers if m else 1) for share, m in zip(shares, uses_model)]
+    model_shares = [cls.gpu_share for cls, m in zip(classes, uses_model) if m]
+    total, largest = sum(model_shares) or 1.0, max(model_shares, default=1.0)
+    scale = min(1.0, 1 / (total + largest))  # per GPU: total * scale <= 1 - largest * scale
+    copies_per_gpu = max(1, math.floor(1 / (total + largest)))
+    pool_size = max(1, math.floor(gpus) * copies_per_gpu)
+    if gpus < 1:  # a fraction of one GPU (a shared node): shrink the shares to fit
+        scale *= gpus
+    cpu_shares = cpu_budget(cpus, uses_model, pool_size)
+    requests = []
+    for cls, m, cpu_share in zip(classes, uses_model, cpu_shares):
+        if m:
+            # Round down to Ray's resource precision (1e-4) so that the sum stays within the GPUs.
+            num_gpus = math.floor(cls.gpu_share * scale * 10_000) / 10_000
+            requests.append(ActorRequest(cpu_share, num_gpus, pool_size))
+        else:
+            requests.append(ActorRequest(cpu_share, 0.0, 1))
+    return requests
 
 
 def cpu_budget(cpus: int, uses_model: list[bool], actors_per_stage: int) -> list[float]:
@@ -245,8 +290,26 @@ def cpu_budget(cpus: int, uses_model: list[bool], actors_per_stage: int) -> list
     return [per_actor if m else LIGHT_ACTOR_CPUS for m in uses_model]
 
 
+def pack_rows(rows: Rows) -> bytes:
+    """A micro-batch's rows as one Arrow IPC stream (bytes, strings and ints; no pickle)."""
+    import pyarrow as pa
+
+    columns = list(dict.fromkeys(name for row in rows for name in row))
+    table = pa.Table.from_pylist([{name: row.get(name) for name in columns} for row in rows])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack_rows(data: bytes) -> Rows:
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(data).read_all().to_pylist()
+
+
 class _ActorAdapter:
-    """Ray actor: pandas batches in and out around an ExtractorStage."""
+    """Ray actor around an ExtractorStage: each call gets one packed micro-batch (one row)."""
 
     def __init__(self, **kwargs):
         self.stage = ExtractorStage(**kwargs)
@@ -254,7 +317,7 @@ class _ActorAdapter:
     def __call__(self, df):
         import pandas as pd
 
-        return pd.DataFrame(self.stage(df.to_dict("records")))
+        return pd.DataFrame({"shard": df["shard"], "batch": [pack_rows(self.stage(unpack_rows(packed))) for packed in df["batch"]]})
 
 
 def init_ray(address: str | None) -> None:
