@@ -1,8 +1,8 @@
 """Extraction efficiency and CPU scaling of `posedata build` (a script to run by hand, not a test).
 
     python bench/extraction.py                                   # CPU, tiny models, every default feature
-    python bench/extraction.py --weights random --features openpose,higherhrnet,dinov2:base --scaling-features openpose
-    python bench/extraction.py --device cuda --weights random --images 1024 --model-images 256
+    python bench/extraction.py --weights random --features openpose,higherhrnet,dinov2:base,clip --scaling-features openpose
+    python bench/extraction.py --device cuda --weights random --res 512x352 --images 2048 --model-images 256
 
 For each feature (and for the full feature set) it measures, at the same batch size:
 
@@ -55,7 +55,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image, ImageEnhance, ImageOps
+# The build's actors run with one OpenMP thread (Ray sets it from their CPU share; see
+# posedata.pipeline.ExtractorStage for torch's own count): model-only runs here must too, or
+# idle OpenMP/BLAS pools compete with the measured thread. Before numpy and torch load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
