@@ -43,6 +43,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageOps
 
+from process_support import session_processes, signal_session
+
 from posedata.cli import main as cli_main
 
 pytestmark = pytest.mark.cluster
@@ -50,21 +52,6 @@ pytestmark = pytest.mark.cluster
 POSEDATA = str(Path(sys.executable).with_name("posedata"))
 RAY = str(Path(sys.executable).with_name("ray"))
 BUILD_OPTIONS = ("--res", "64x48", "--weights", "tiny", "--shard-size", "4", "--features", "openpose,clip,vae:sd21")
-
-
-def session_processes(sid: int) -> list[tuple[int, str]]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.append((int(entry), stat[stat.index("(") + 1 : stat.rindex(")")]))
-    return found
 
 
 def free_port() -> int:
@@ -112,11 +99,7 @@ class Cluster:
     def stop(self) -> list[tuple[int, str]]:
         for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 10)):
             for sid in self.sessions:
-                for pid, _ in session_processes(sid):
-                    try:
-                        os.kill(pid, sig)
-                    except ProcessLookupError:
-                        pass
+                signal_session(sid, sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and any(session_processes(s) for s in self.sessions):
                 time.sleep(0.2)

@@ -54,6 +54,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageEnhance, ImageOps
 
+from process_support import session_processes, signal_session
+
 from posedata.cli import main as cli_main
 
 POSEDATA = str(Path(sys.executable).with_name("posedata"))
@@ -277,31 +279,6 @@ def at_temporary_after_marker(fallback: int) -> Trigger:
     return trigger
 
 
-def session_processes(sid: int) -> list[tuple[int, str]]:
-    """(pid, name) of the live processes in process session `sid`, from /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) == sid and fields[0] != "Z":
-            found.append((int(entry), name))
-    return found
-
-
-def kill_session(sid: int) -> None:
-    for pid, _ in session_processes(sid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 # ---- the tests ------------------------------------------------------------------------------------
 
 
@@ -381,9 +358,9 @@ def test_ray_build_with_two_workers_killed_while_writing_resumes_to_the_same_byt
         assert rerun.resumed() == done_by_the_killed_run, context
         assert_same_as_reference(out, reference)
     finally:
-        kill_session(killed.pid)
+        signal_session(killed.pid)
         if rerun is not None:
-            kill_session(rerun.pid)  # a driver that exits normally stops its Ray; in case not
+            signal_session(rerun.pid)  # a driver that exits normally stops its Ray; in case not
     card = json.loads((out / "dataset.json").read_text())
     assert card["build"]["executor"] == "ray"
     print(f"kill point: marker {k}; {done_by_the_killed_run} shards done by the killed run; agents it left: {[n for _, n in agents]}")
