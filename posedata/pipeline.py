@@ -194,12 +194,12 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     # stage takes one row at a time: whatever Ray does with blocks (it requires a batch size
     # with GPUs, and then bundles and slices blocks across boundaries), the samples that
     # share a forward pass are the plan's micro-batches.
-    groups = [{"shard": group[0]["shard"], "rows": json.dumps(group)} for group in micro_batches(job.inputs, job.micro_batch)]
+    groups = [{"shard": group[0]["shard"], "batch": pack_rows(group)} for group in micro_batches(job.inputs, job.micro_batch)]
     ds = ray.data.from_items(groups, override_num_blocks=len(groups))
     prepare = job.prepare
 
     def expand(df: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({"shard": df["shard"], "batch": [pack_rows(prepare(json.loads(text))) for text in df["rows"]]})
+        return pd.DataFrame({"shard": df["shard"], "batch": [pack_rows(prepare(unpack_rows(packed))) for packed in df["batch"]]})
 
     ds = ds.map_batches(expand, batch_format="pandas", batch_size=1, num_cpus=TASK_CPUS)
     requests = actor_requests([extractor_class(spec.name) for spec in job.stages], cpus, gpus, job.workers or 1)
