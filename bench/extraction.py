@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # The build's actors run with one OpenMP thread (Ray sets it from their CPU share; see
@@ -139,10 +140,10 @@ def stored_images(root: Path, resolution: tuple[int, int], count: int) -> list[S
     ]
 
 
-def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, device: str) -> dict[str, dict]:
+def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, device: str, ready: Callable[[], object] = lambda: None) -> dict[str, dict]:
     """Seconds and images/s of each extractor of `specs` (in dependency order) on `samples`, in
     the build's micro-batches; a required feature's outputs are fed the way the build feeds
-    them (encoded as stored, decoded)."""
+    them (encoded as stored, decoded). `ready` is called between warm-up and timing."""
     import torch
 
     if device == "cpu":
@@ -163,6 +164,7 @@ def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, dev
         rows = [{"shard": "train-000000", "index": i} for i in range(len(samples))]
         batches = [[samples[r["index"]] for r in group[start : start + size]] for group in micro_batches(rows, MICRO_BATCH) for start in range(0, len(group), size)]
         extractor(batches[0])  # warm-up (lazy init, allocator, cuDNN)
+        ready()
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
         outputs: list[dict] = []
         sync()
@@ -187,38 +189,12 @@ def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, dev
     return results
 
 
-def _ceiling_worker(
-    spec: str,
-    root: str,
-    resolution: tuple[int, int],
-    count: int,
-    weights: str,
-    barrier,
-    results,
-) -> None:
-    """One process of `machine_ceiling`: the build's actor work for `spec` minus Ray."""
-    import torch
-
-    torch.set_num_threads(1)
+def _ceiling_worker(spec: str, root: str, resolution: tuple[int, int], count: int, weights: str, barrier, results) -> None:
+    """One process of `machine_ceiling`: `model_only` for `spec`, every process timing from
+    the same moment (after its own warm-up)."""
     samples = stored_images(Path(root), resolution, count)
-    config = BuildConfig(
-        source="folder",
-        root=root,
-        out="/nonexistent",
-        resolution=resolution,
-        features=[spec],
-        weights=weights,
-    )
-    extractor = create_extractor(spec, **make_plan(config).extractor_kwargs[spec])
-    extractor.setup("cpu")
-    size = extractor.batch_size
-    batches = [samples[i : i + size] for i in range(0, len(samples), size)]
-    extractor(batches[0])  # warm-up
-    barrier.wait()  # every process starts timing together
-    start = time.perf_counter()
-    for batch in batches:
-        extractor(batch)
-    results.put(len(samples) / (time.perf_counter() - start))
+    config = BuildConfig(source="folder", root=root, out="/nonexistent", resolution=resolution, features=[spec], weights=weights)
+    results.put(model_only([spec], samples, config, "cpu", ready=barrier.wait)[spec]["images_per_s"])
 
 
 def machine_ceiling(spec: str, root: Path, resolution: tuple[int, int], count: int, weights: str) -> dict:
@@ -638,7 +614,8 @@ def markdown(result: dict) -> str:
             f"| {name} | {batch} | {fmt(row['model_only_images_per_s'], 2)}{bound} | {fmt(row['e2e_images_per_s'], 2)} | **{fmt(row['efficiency'], 2)}** | {fmt(row['e2e_steady_images_per_s'], 2)} "
             f"| {actor} | {fmt(row['e2e_inprocess_wall_images_per_s'], 2)} ({timed['wall_seconds']:.0f} s) | {wall} |"
         )
-    full = [row for row in result["entries"] if row["feature"] == "full set"] or result["entries"][-1:]
+    # The projection is for what a build computes: the full set, or the one feature measured.
+    full = [row for row in result["entries"] if row["feature"] == "full set"] or (result["entries"] if len(result["entries"]) == 1 else [])
     if full:
         rate = full[0]["e2e_images_per_s"]
         gpus = result["ray_resources"].get("GPU")
