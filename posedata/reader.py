@@ -229,7 +229,11 @@ class PairStream:
         self.shuffle_buffer = shuffle_buffer
         self.epochs = epochs
         self.rank, self.world_size = rank, world_size
-        table = dataset.pairs(split)
+        self.shards = self._index()
+
+    def _index(self) -> list[str]:
+        """Read what the stream forms items from (the pair table); the shards that have any."""
+        table = self.dataset.pairs(self.split)
         self.pairs_by_shard: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
         self.skipped_across_shards = 0
         for a, b, shard in zip(table["source_key"].to_pylist(), table["target_key"].to_pylist(), table["shard"].to_pylist()):
@@ -237,9 +241,10 @@ class PairStream:
                 self.skipped_across_shards += 1
             else:
                 self.pairs_by_shard[shard].append((a, b))
-        self.shards = [s for s in dataset.shards(split) if self.pairs_by_shard.get(s)]
-        if not self.shards:
-            raise ValueError(f"{dataset.location.url}: split {split!r} has no pairs inside one shard")
+        shards = [s for s in self.dataset.shards(self.split) if self.pairs_by_shard.get(s)]
+        if not shards:
+            raise ValueError(f"{self.dataset.location.url}: split {self.split!r} has no pairs inside one shard")
+        return shards
 
     @property
     def skipped_shards(self) -> int:
@@ -267,10 +272,18 @@ class PairStream:
                 mine, pair_slice = split_for_consumer(shard_order, consumer, consumers), (0, 1)
             else:
                 mine, pair_slice = shard_order, (consumer, consumers)
-            yield from _buffer_shuffle(self._pairs(mine, pair_slice, rng), self.shuffle_buffer, rng)
+            yield from _buffer_shuffle(self._items(mine, pair_slice, rng), self.shuffle_buffer, rng)
             epoch += 1
 
-    def _pairs(self, shards: list[str], pair_slice: tuple[int, int], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _items(self, shards: list[str], pair_slice: tuple[int, int], rng: random.Random) -> Iterator[dict[str, Any]]:
+        for shard, samples in self._readable(shards):
+            pairs = list(split_for_consumer(self.pairs_by_shard[shard], *pair_slice))
+            rng.shuffle(pairs)
+            for a, b in pairs:
+                yield {"source": samples[a], "target": samples[b]}
+
+    def _readable(self, shards: list[str]) -> Iterator[tuple[str, dict[str, dict[str, Any]]]]:
+        """(shard, {key: sample}) for each shard read whole; unreadable ones per `on_corrupt`."""
         skipped = 0
         for shard in shards:
             try:
@@ -285,11 +298,69 @@ class PairStream:
                 if skipped == len(shards):
                     raise ShardError(f"{self.dataset.location.url}: all {len(shards)} shards of split {self.split!r} this reader reads are unreadable; the last: {e}") from e
                 continue
-            pairs = split_for_consumer(self.pairs_by_shard[shard], *pair_slice)
-            pairs = list(pairs)
-            rng.shuffle(pairs)
-            for a, b in pairs:
-                yield {"source": samples[a], "target": samples[b]}
+            yield shard, samples
+
+
+GROUP_SIZE = 4  # IMAGPose's 2 x 2 canvas
+
+
+class GroupStream(PairStream):
+    """Groups of one person (IMAGPose): `{"group": name, "samples": [sample] * size}`, the
+    `size` samples drawn with replacement from one group of one shard, redrawn while all are
+    the same image (the official `HumanPoseDataset.__getitem__`), one item per group per
+    epoch. Groups of a single image cannot give two different images: they are skipped and
+    counted in `skipped_singletons`. Same seeding, shard shuffle, rank / DataLoader-worker
+    split, buffer shuffle and `on_corrupt` as `PairStream`, so a resumed run that replays
+    the stream sees the same groups in the same order."""
+
+    def __init__(self, dataset: Dataset, split: str, needs: Sequence[str | tuple[str, ...]], size: int = GROUP_SIZE, **options: Any):
+        if size < 2:
+            raise ValueError(f"group size must be at least 2, got {size}")
+        self.size = size
+        super().__init__(dataset, split, needs, **options)
+
+    def _index(self) -> list[str]:
+        manifest = self.dataset.manifest
+        rows = manifest.filter(pc.equal(manifest["split"], self.split))
+        members: dict[tuple[str, str], list[tuple[int, str]]] = collections.defaultdict(list)
+        for key, group, shard, index in zip(rows["key"].to_pylist(), rows["group"].to_pylist(), rows["shard"].to_pylist(), rows["index"].to_pylist()):
+            members[(shard, group)].append((index, key))
+        self.groups_by_shard: dict[str, list[tuple[str, list[str]]]] = collections.defaultdict(list)
+        self.skipped_singletons = 0
+        for (shard, group), keyed in sorted(members.items()):
+            if len(keyed) < 2:
+                self.skipped_singletons += 1
+            else:
+                self.groups_by_shard[shard].append((group, [k for _, k in sorted(keyed)]))
+        shards = [s for s in self.dataset.shards(self.split) if self.groups_by_shard.get(s)]
+        if not shards:
+            raise ValueError(f"{self.dataset.location.url}: split {self.split!r} has no group with two or more images")
+        return shards
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.groups_by_shard.values())
+
+    def _items(self, shards: list[str], group_slice: tuple[int, int], rng: random.Random) -> Iterator[dict[str, Any]]:
+        # With fewer shards than consumers every consumer reads every shard; groups are then
+        # dealt round-robin over the whole epoch (a shard often holds fewer groups than there
+        # are consumers, so dealing per shard would leave some consumers nothing).
+        consumer, consumers = group_slice
+        position = 0
+        dealt = 0
+        for shard, samples in self._readable(shards):
+            groups = self.groups_by_shard[shard]
+            mine = [g for i, g in enumerate(groups, position) if i % consumers == consumer]
+            position += len(groups)
+            dealt += len(mine)
+            rng.shuffle(mine)
+            for group, keys in mine:
+                while True:
+                    drawn = [rng.choice(keys) for _ in range(self.size)]
+                    if len(set(drawn)) > 1:
+                        break
+                yield {"group": group, "samples": [samples[k] for k in drawn]}
+        if not dealt and consumers > 1:
+            raise ValueError(f"{self.dataset.location.url}: split {self.split!r} has {len(self)} groups, fewer than the {consumers} ranks x DataLoader workers reading it")
 
 
 def _buffer_shuffle(items: Iterable[Any], size: int, rng: random.Random) -> Iterator[Any]:
