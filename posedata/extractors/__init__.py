@@ -17,20 +17,21 @@ REGISTRY: dict[str, str] = {
     "vae": "posedata.extractors.vae:VaeExtractor",
     "dinov2": "posedata.extractors.dinov2:Dinov2Extractor",
     "higherhrnet": "posedata.extractors.higherhrnet:HigherHRNetExtractor",
+    "pose_latent": "posedata.extractors.pose_latent:PoseLatentExtractor",
 }
 
 # What `posedata build` computes when --features is not given: every feature that PCDMs
 # (all three stages), IMAGPose, TruePose and RePoseDM consume. A feature spec is a name or
 # `name:preset` (vae:sd21 = SD-2.1-base VAE for PCDMs, vae:sd15 = sd-vae-ft-mse for the
 # SD-1.5 models; dinov2:giant for PCDMs, dinov2:base for IMAGPose).
-DEFAULT_FEATURES = ("openpose", "clip", "vae:sd21", "vae:sd15", "dinov2:giant", "dinov2:base", "parsing", "clip_regions", "higherhrnet")
+DEFAULT_FEATURES = ("openpose", "clip", "vae:sd21", "vae:sd15", "dinov2:giant", "dinov2:base", "parsing", "clip_regions", "higherhrnet", "pose_latent:sd15")
 
 # `--preset MODEL`: what one model family needs.
 MODEL_PRESETS: dict[str, tuple[str, ...]] = {
     "pcdm": ("openpose", "clip", "vae:sd21", "dinov2:giant"),
     "imagpose": ("openpose", "vae:sd15", "dinov2:base"),
     "truepose": ("openpose", "vae:sd15", "parsing", "clip_regions"),
-    "reposedm": ("openpose", "vae:sd15", "higherhrnet"),
+    "reposedm": ("openpose", "vae:sd15", "higherhrnet", "pose_latent:sd15"),
 }
 
 
