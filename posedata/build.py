@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,9 +26,10 @@ import pyarrow as pa
 
 import posedata
 from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_order, extractor_class, parse_spec, provider
+from posedata.errors import PosedataError
 from posedata.extractors.base import Extractor
-from posedata.images import ImageRejected, decode_image, encode_jpeg, resize
-from posedata.layout import CARD, MANIFEST, REJECTS, DatasetLocation
+from posedata.images import ImageRejected, decode_image, encode_jpeg, read_source_bytes, resize
+from posedata.layout import CARD, DONE, MANIFEST, REJECTS, DatasetLocation
 from posedata.plan import ShardTask, plan_shards
 from posedata.records import STAGE_DECODE, SourceScan
 from posedata.extend import FEATURE_CARD, record_features
@@ -37,6 +39,14 @@ from posedata.shards import MANIFEST_SCHEMA, REJECTS_SCHEMA, write_shard
 log = logging.getLogger("posedata.build")
 
 CARD_FORMAT_VERSION = 1
+
+# What a build writes at the top of its --out: the only entries `--overwrite` removes.
+OWN_ENTRIES = (CARD, MANIFEST, REJECTS, "pairs", "shards", "features", DONE)
+
+
+class BuildError(PosedataError):
+    """The build cannot start or cannot finish (the output is unsafe, the input changed since
+    the first run, nothing could be written); the message says why and what to do."""
 
 
 @dataclass
@@ -62,13 +72,6 @@ class BuildConfig:
 
 
 # ---- the steps ------------------------------------------------------------------------------
-
-
-def read_source_bytes(path: str) -> bytes:
-    import fsspec
-
-    with fsspec.open(path, "rb") as f:
-        return f.read()
 
 
 def decode_rows(rows: list[dict[str, Any]], height: int, width: int) -> list[dict[str, Any]]:
@@ -211,7 +214,7 @@ def make_job(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask]) 
 
 def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.time()
-    location = DatasetLocation(config.out, config.storage_options)
+    location = check_output(config)  # before anything is read or written
     plan = make_plan(config)
     n_inputs = len(plan.scan.records) + len(plan.scan.rejects)
     echo(
@@ -235,23 +238,90 @@ def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str,
     return summary
 
 
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_output(config: BuildConfig) -> DatasetLocation:
+    """The output location, once it is known to be safe to write to, before anything is read
+    or written: never the source folder, a folder inside it or one that holds it (an
+    `--overwrite` would delete the photos, and a build would read its own output); never a
+    URL that fsspec would chain (`name::v1` writes to `name`); never a file, nor a folder
+    holding anything posedata did not write. `--overwrite` then only removes a dataset's own
+    entries (see OWN_ENTRIES)."""
+    out = config.out
+    if "::" in out:
+        raise BuildError(
+            f"--out {out!r}: '::' chains URLs in fsspec (this would write to {out.split('::')[0]!r}); choose an --out without '::'"
+        )
+    try:
+        location = DatasetLocation(out, config.storage_options)
+    except ValueError as e:
+        raise BuildError(f"--storage-options: {e}") from None
+    if location.is_local:
+        out_path = os.path.realpath(location.root)
+        root_path = os.path.realpath(os.path.expanduser(config.root))
+        if _inside(out_path, root_path) or _inside(root_path, out_path):
+            where = "is" if out_path == root_path else ("is inside" if _inside(out_path, root_path) else "holds")
+            raise BuildError(
+                f"--out {out_path} {where} the source folder --root {root_path}: a dataset must live apart from its photos "
+                "(a build would read its own output, and --overwrite would delete the photos); choose an --out outside --root"
+            )
+    if not location.exists(location.root):
+        return location
+    if location.fs.isfile(location.root):
+        raise BuildError(f"--out {location.url} is a file, not a folder; choose a folder (it is created if missing)")
+    if is_dataset(location):
+        return location
+    entries = sorted(location.fs.ls(location.root, detail=False))
+    if entries:
+        example = posixpath.basename(entries[0].rstrip("/"))
+        raise BuildError(
+            f"--out {location.url} is not empty ({len(entries)} entries, e.g. {example!r}) and is not a posedata dataset: "
+            "posedata writes only into an empty or new folder, or into a dataset it made (--overwrite never deletes anything else); "
+            "choose another --out"
+        )
+    return location
+
+
+def is_dataset(location: DatasetLocation) -> bool:
+    """A folder posedata wrote: it holds a dataset card or a build's `_done/` markers."""
+    return location.exists(location.path(CARD)) or location.exists(location.path(DONE))
+
+
+def remove_dataset(location: DatasetLocation) -> None:
+    """`--overwrite`: remove what a build writes (OWN_ENTRIES and its temporaries), nothing
+    else; check_output has made sure the folder is a dataset."""
+    for name in OWN_ENTRIES:
+        path = location.path(name)
+        if location.exists(path):
+            location.fs.rm(path, recursive=True)
+    if location.is_local:
+        for name in os.listdir(location.root):
+            if name.startswith(".tmp-") and os.path.isfile(os.path.join(location.root, name)):
+                os.remove(os.path.join(location.root, name))
+
+
 def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
     settings_path = location.path("_done", "build.json")
     if plan.config.overwrite and location.exists(location.root):
-        echo(f"--overwrite: removing {location.url}")
-        location.remove_tree()
+        echo(f"--overwrite: removing the dataset at {location.url}")
+        remove_dataset(location)
     if location.exists(settings_path):
         previous = location.read_json(settings_path)
         if previous != json.loads(json.dumps(plan.settings())):
             changed = sorted(k for k in set(previous) | set(plan.settings()) if previous.get(k) != json.loads(json.dumps(plan.settings())).get(k))
-            raise SystemExit(
+            raise BuildError(
                 f"{location.url} already holds a build with different settings ({', '.join(changed)} differ); "
                 "use --overwrite to start over, or another --out (use `posedata extend` to add features)"
             )
     elif location.exists(location.path(CARD)):
-        raise SystemExit(f"{location.url} already holds a dataset; use --overwrite to start over or another --out")
+        raise BuildError(f"{location.url} already holds a dataset; use --overwrite to start over or another --out")
     else:
-        location.write_json(settings_path, plan.settings())
+        try:
+            location.write_json(settings_path, plan.settings())
+        except OSError as e:
+            raise BuildError(f"--out {location.url}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
     _remove_stale_temporaries(location, plan)
     # The scan rejects are part of the result; written once, up front.
     location.write_parquet(

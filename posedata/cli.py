@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
+import sys
 
 import click
 
@@ -48,7 +50,34 @@ def parse_storage_options(value: str | None) -> dict:
     return opts
 
 
-@click.group()
+class PosedataGroup(click.Group):
+    """The one place errors reach the user. posedata's own errors (PosedataError: a bad
+    option, input or dataset) and file-system errors (a path that is missing, unreadable or
+    read-only) become one `Error: ...` line and exit code 1. Anything else is a bug: its
+    traceback goes through, with the command that triggered it."""
+
+    def invoke(self, ctx: click.Context):
+        from posedata.errors import PosedataError
+
+        try:
+            return super().invoke(ctx)
+        except PosedataError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(_os_error_line(e)) from None
+        except Exception as e:
+            e.add_note(f"posedata bug while running: {shlex.join(['posedata', *sys.argv[1:]])}\nPlease report it with this traceback.")
+            raise
+
+
+def _os_error_line(error: OSError) -> str:
+    """`path: reason` for a file-system error (errno's words when there are some)."""
+    if error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error) or error.__class__.__name__
+
+
+@click.group(cls=PosedataGroup)
 @click.option("-v", "--verbose", is_flag=True, help="More logging.")
 @click.version_option(package_name="posedata")
 def main(verbose: bool) -> None:

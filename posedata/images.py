@@ -4,6 +4,8 @@ stored resolution or raises `ImageRejected` with a reason a person understands."
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -19,6 +21,29 @@ JPEG_QUALITY = 95
 
 class ImageRejected(ValueError):
     """This file cannot become a sample; the message is the reject reason."""
+
+
+def read_source_bytes(path: str) -> bytes:
+    """A source file's bytes, with plain file I/O: sources are local, and through fsspec a
+    name holding `::` would be read as a chain of URLs (another file's bytes). Opened
+    non-blocking and checked to be a regular file first, so a named pipe or a device among
+    the photos is refused instead of hanging the build."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"not a regular file ({file_kind(os.fstat(fd).st_mode)})")
+        return handle.read()
+
+
+class NotRegularFile(OSError):
+    """A path that names a pipe, socket or device: never read."""
+
+
+def file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a file"
 
 
 def decode_image(data: bytes, path: str = "") -> Image.Image:

@@ -89,11 +89,9 @@ def _fit(array: np.ndarray, cell_w: int) -> Image.Image:
 def _thumbnail(path: str, cell_w: int) -> Image.Image | None:
     """A look at a rejected file, if it still decodes at all."""
     try:
-        import fsspec
+        from posedata.images import read_source_bytes
 
-        with fsspec.open(path, "rb") as f:
-            data = f.read(64 << 20)
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(read_source_bytes(path)))
         im.draft("RGB", (cell_w, CELL_HEIGHT))
         im = im.convert("RGB")
         im.thumbnail((cell_w, CELL_HEIGHT))

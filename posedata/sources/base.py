@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol
 
+from posedata.errors import PosedataError
 from posedata.records import SourceScan
 
 
-class SourceError(ValueError):
+class SourceError(PosedataError, ValueError):
     """A source cannot be read at all (missing root, unknown layout). The message is one line
     that says what was expected, so the CLI can print it as it is."""
 

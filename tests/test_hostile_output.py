@@ -1,0 +1,149 @@
+"""Nothing destroyed: an --out that could delete or mix with what posedata did not write is
+refused before anything is read or written, and --overwrite removes only a dataset's own
+entries. Source files are read with plain file I/O: `::` in a name is just a character.
+
+Runtime: the refusals are instant; two tiny local builds (openpose, 4 images), ~5 s."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from posedata.cli import main as cli_main
+
+RES = "64x48"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli_main, list(args), catch_exceptions=False)
+
+
+def build_args(root: Path, out: Path | str, *extra: str) -> list[str]:
+    return ["build", "folder", "--root", str(root), "--out", str(out), "--res", RES, "--weights", "tiny", "--features", "openpose", "--executor", "local", *extra]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_line(result) -> str:
+    """The refusal: exit code 1 and one `Error:` line naming the problem, no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ") and "Traceback" not in result.output, result.output
+    return lines[-1]
+
+
+@pytest.fixture()
+def photos(tmp_path) -> Path:
+    root = tmp_path / "photos"
+    (root / "alice").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (48, 64), (40 * i, 90, 160)).save(root / "alice" / f"p{i}.jpg", quality=95)
+    return root
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["root itself", "parent of root", "inside root", "inside a sub-folder of root"],
+)
+def test_out_overlapping_root_is_refused_and_photos_survive_overwrite(photos, where):
+    out = {"root itself": photos, "parent of root": photos.parent, "inside root": photos / "dataset", "inside a sub-folder of root": photos / "alice" / "ds"}[where]
+    before = digest(photos.parent)
+    message = error_line(invoke(*build_args(photos, out, "--overwrite")))
+    assert "--root" in message and "outside --root" in message
+    assert digest(photos.parent) == before  # not one byte touched
+
+
+def test_out_through_a_symlink_to_root_is_refused(photos, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(photos, target_is_directory=True)
+    before = digest(photos)
+    error_line(invoke(*build_args(photos, link, "--overwrite")))
+    assert digest(photos) == before
+
+
+def test_out_with_url_chaining_is_refused(photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "name").mkdir()
+    (tmp_path / "name" / "precious.txt").write_text("keep me")
+    message = error_line(invoke(*build_args(photos, "name::v1", "--overwrite")))
+    assert "'::'" in message and "'name'" in message
+    assert (tmp_path / "name" / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["name", "photos"]
+
+
+def test_out_that_is_a_file_or_a_foreign_folder_is_refused(photos, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    assert "is a file" in error_line(invoke(*build_args(photos, a_file, "--overwrite")))
+    assert a_file.read_text() == "not a folder"
+
+    foreign = tmp_path / "thesis"
+    (foreign / "chapter1").mkdir(parents=True)
+    (foreign / "chapter1" / "draft.tex").write_text("\\section{Intro}")
+    before = digest(foreign)
+    for extra in ((), ("--overwrite",)):
+        message = error_line(invoke(*build_args(photos, foreign, *extra)))
+        assert "not a posedata dataset" in message and "choose another --out" in message
+        assert digest(foreign) == before
+
+
+def test_overwrite_removes_only_the_datasets_own_entries(photos, tmp_path):
+    out = tmp_path / "ds"
+    assert invoke(*build_args(photos, out)).exit_code == 0
+    (out / "my-notes.md").write_text("written by a person")
+    (out / "shards" / "stale.tar").write_bytes(b"old")  # inside posedata's own folder: goes
+
+    result = invoke(*build_args(photos, out, "--overwrite"))
+
+    assert result.exit_code == 0, result.output
+    assert (out / "my-notes.md").read_text() == "written by a person"
+    assert not (out / "shards" / "stale.tar").exists()
+    assert json.loads((out / "dataset.json").read_text())["counts"]["written"] == 3
+
+
+def test_read_only_parent_is_one_error_line(photos, tmp_path):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running with permission to write anywhere (root)")
+        message = error_line(invoke(*build_args(photos, locked / "ds")))
+        assert str(locked) in message
+    finally:
+        locked.chmod(0o755)
+
+
+def test_double_colon_in_a_source_name_is_read_literally(tmp_path):
+    """`x::y.jpg` beside a file `x`: fsspec would read `x` (chained URLs); plain I/O reads
+    the file itself."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    Image.new("RGB", (48, 64), (250, 10, 10)).save(root / "x", format="JPEG", quality=95)  # red, no extension
+    Image.new("RGB", (48, 64), (10, 10, 250)).save(root / "x::y.jpg", quality=95)  # blue
+    out = tmp_path / "ds"
+
+    result = invoke(*build_args(root, out))
+
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    by_path = {Path(p).name: k for p, k in zip(manifest["source_path"], manifest["key"])}
+    assert "x::y.jpg" in by_path
+    stored = {}
+    for sample in wds.WebDataset(str(out / "shards" / "train-000000.tar"), shardshuffle=False, empty_check=False):
+        stored[sample["__key__"]] = Image.open(io.BytesIO(sample["jpg"])).convert("RGB").getpixel((24, 32))
+    blue = stored[by_path["x::y.jpg"]]
+    assert blue[2] > 200 and blue[0] < 50, blue
