@@ -21,6 +21,7 @@ from YanzuoLu/CFLD pose_utils.py + datasets/deepfashion.py.
 
 from __future__ import annotations
 
+import colorsys
 import math
 
 import cv2
@@ -72,6 +73,26 @@ STICK_WIDTH = 4  # ellipse semi-minor axis of a limb, pixels
 LIMB_DIM = 0.6  # the limb canvas is multiplied by this before the joints are drawn
 JOINT_RADIUS = 4
 
+# Hands (`openpose:full`): 21 joints per hand in the OpenPose hand order (wrist, then four
+# joints per finger from thumb to little finger), stored [2, 21, 3] (left, right). Drawn as
+# controlnet-aux / DWPose `draw_handpose` does, after the dimmed body: each of the 20 edges a
+# cv2.line of thickness 2 in HSV colour (edge / 20, 1, 1) x 255, then every joint a filled
+# circle of radius 4 in (0, 0, 255); joints within 0.01 of the image's top or left edge (the
+# "missing" (0, 0) of those functions) are skipped.
+NUM_HAND_JOINTS = 21
+HAND_EDGES: tuple[tuple[int, int], ...] = (
+    (0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10),
+    (10, 11), (11, 12), (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20),
+)
+HAND_LINE_THICKNESS = 2
+HAND_JOINT_RADIUS = 4
+HAND_JOINT_COLOR = (0, 0, 255)
+HAND_EPS = 0.01  # controlnet-aux's `eps`, on coordinates normalised by the image size
+# float colours as matplotlib's hsv_to_rgb * 255 gives them (cv2 rounds them when drawing)
+HAND_EDGE_COLORS: tuple[tuple[float, float, float], ...] = tuple(
+    tuple(c * 255 for c in colorsys.hsv_to_rgb(i / len(HAND_EDGES), 1.0, 1.0)) for i in range(len(HAND_EDGES))
+)
+
 # CFLD (pose_utils.py): bones are cv2.line(thickness=2, LINE_AA) in the dimmed palette
 # (BONE_COLORS there == int(0.6 * colour)), joints cv2.circle(radius 3, filled, LINE_AA).
 CFLD_LINE_THICKNESS = 2
@@ -103,6 +124,7 @@ def draw_openpose(
     height: int,
     width: int,
     score_threshold: float = 0.0,
+    hands: np.ndarray | None = None,
 ) -> np.ndarray:
     """The ControlNet / PCDMs OpenPose body render on black: uint8 RGB [height, width, 3].
 
@@ -112,6 +134,9 @@ def draw_openpose(
 
     Order as controlnet-aux draws it: all limbs of all people at full colour, then the whole
     canvas times 0.6 (truncated to uint8), then every joint circle at full colour on top.
+
+    `hands` (the `openpose:full` feature's [2, 21, 3], or [P, 2, 21, 3]): drawn on top with
+    `draw_hands`, as DWPose's `draw_pose` does after the body.
     """
     people = _as_people(keypoints)
     canvas = np.zeros((int(height), int(width), 3), dtype=np.uint8)
@@ -142,6 +167,26 @@ def draw_openpose(
             if seen[joint]:
                 x, y = person[joint, :2]
                 cv2.circle(canvas, (int(x), int(y)), JOINT_RADIUS, OPENPOSE_COLORS[joint], thickness=-1)
+    if hands is not None:
+        draw_hands(canvas, hands, score_threshold)
+    return canvas
+
+
+def draw_hands(canvas: np.ndarray, hands: np.ndarray, score_threshold: float = 0.0) -> np.ndarray:
+    """Draw hands ([21, 3], [H, 21, 3] or [P, H, 21, 3] (x, y, score) in canvas pixels) onto
+    `canvas` in place, as controlnet-aux / DWPose `draw_handpose`; returns it. A joint is
+    drawn when its score is above `score_threshold` and it lies more than 0.01 of the image
+    size from the top and left edges (where those functions keep their "missing" joints)."""
+    height, width = canvas.shape[:2]
+    joints = np.asarray(hands, dtype=np.float64).reshape(-1, NUM_HAND_JOINTS, 3)
+    for hand in joints:
+        seen = np.isfinite(hand).all(axis=1) & (hand[:, 2] > score_threshold)
+        seen &= (hand[:, 0] / width > HAND_EPS) & (hand[:, 1] / height > HAND_EPS)
+        for edge, (a, b) in enumerate(HAND_EDGES):
+            if seen[a] and seen[b]:
+                cv2.line(canvas, (int(hand[a, 0]), int(hand[a, 1])), (int(hand[b, 0]), int(hand[b, 1])), HAND_EDGE_COLORS[edge], thickness=HAND_LINE_THICKNESS)
+        for joint in np.flatnonzero(seen):
+            cv2.circle(canvas, (int(hand[joint, 0]), int(hand[joint, 1])), HAND_JOINT_RADIUS, HAND_JOINT_COLOR, thickness=-1)
     return canvas
 
 

@@ -12,6 +12,14 @@ network (`_ReplayNet`) that hands back that image's slice of the batched output.
 decoding is controlnet-aux's code, not a copy of it, and the stand-in checks that Body asked
 for exactly the input we fed the real network.
 
+Hands (`openpose:full`, what IMAGPose's DWPose renders and PCDMs' pose images show): for the
+kept person, controlnet-aux's own hand pipeline, unchanged: `util.handDetect` boxes from the
+wrist / elbow / shoulder keypoints and `Hand.__call__` (the CMU hand model, 4 scales, on the
+BGR crop), called through `OpenposeDetector.detect_hands`. Stored as `hands.npy` float32
+[2, 21, 3] (left, right; x, y in stored-image pixels, score 1 for a found joint: the hand
+model reports no confidence), a missing hand or joint = (0, 0, 0); the skeleton then draws
+them (`posedata.render.draw_hands`). The body-only default keeps its outputs and fingerprint.
+
 Outputs per image: `keypoints.npy` float32 [18, 3] (x, y, score) in stored-image pixels,
 COCO-18 OpenPose order (`posedata.render.COCO18_NAMES`), missing joint = (0, 0, 0); with
 several people detected, the one with the highest total score (OpenPose's subset score: sum of
@@ -25,13 +33,17 @@ from __future__ import annotations
 import hashlib
 import os
 from importlib import metadata
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from posedata.extractors.base import checked_image, FEW_JOINTS, NOTES, Extractor, OutputSpec, Sample
 from posedata.render import (
     COCO18_NAMES,
+    HAND_EDGES,
+    HAND_JOINT_RADIUS,
+    HAND_LINE_THICKNESS,
+    NUM_HAND_JOINTS,
     JOINT_RADIUS,
     LIMB_DIM,
     NUM_JOINTS,
@@ -41,8 +53,15 @@ from posedata.render import (
 )
 
 BODY_WEIGHTS_FILE = "body_pose_model.pth"
+HAND_WEIGHTS_FILE = "hand_pose_model.pth"
 # Where controlnet-aux finds the body weights in the repos it knows (OpenposeDetector.from_pretrained).
 HUB_WEIGHTS_FILES = {"lllyasviel/ControlNet": "annotator/ckpts/body_pose_model.pth"}
+HUB_HAND_WEIGHTS_FILES = {"lllyasviel/ControlNet": "annotator/ckpts/hand_pose_model.pth"}
+NUM_HAND_CHANNELS = 22  # 21 joints + background
+# Hand.__call__'s constants (open_pose/hand.py, 0.0.10), for the fingerprint.
+HAND_SCALE_SEARCH = (0.5, 1.0, 1.5, 2.0)
+HAND_PEAK_THRESHOLD = 0.05
+HAND_BOX_RATIO_WRIST_ELBOW = 0.33  # util.handDetect
 
 # The constants inside controlnet-aux's Body.__call__ (open_pose/body.py, 0.0.10). They are
 # locals there, so they are restated here for our batched preprocessing and the fingerprint;
@@ -71,6 +90,8 @@ assert len(PAF_CHANNELS) == len(OPENPOSE_PAF_LIMBS)
 # give <= 0, which would read as "missing". Such joints are stored with this floor instead.
 MIN_PRESENT_SCORE = 1e-6
 
+TINY_HAND_ARCHITECTURE = "tiny-handpose: 3x[conv3x3+relu+maxpool2] (3-8-16-16), 1x1 head -> 22 heatmaps, stride 8"
+FULL_HAND_ARCHITECTURE = "controlnet_aux.open_pose.model.handpose_model (VGG trunk + 6 CPM stages)"
 TINY_ARCHITECTURE = "tiny-bodypose: 3x[conv3x3+relu+maxpool2] (3-8-16-16), 1x1 heads -> 38 PAF + 19 heatmap, stride 8"
 FULL_ARCHITECTURE = "controlnet_aux.open_pose.model.bodypose_model (VGG-19 trunk + 6 two-branch CPM stages)"
 
@@ -99,6 +120,40 @@ def build_tiny_bodypose_net():
             return self.paf_head(features), self.heatmap_head(features)
 
     return TinyBodyPoseNet()
+
+
+def build_tiny_handpose_net():
+    """A tiny network with handpose_model's interface: [B, 3, H, W] -> heatmaps [B, 22, H/8, W/8]."""
+    import torch.nn as nn
+
+    layers: list[nn.Module] = []
+    widths = (3, 8, 16, 16)
+    for c_in, c_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Conv2d(c_in, c_out, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
+    return nn.Sequential(*layers, nn.Conv2d(widths[-1], NUM_HAND_CHANNELS, 1))
+
+
+def detect_hands(hand_net, keypoints: np.ndarray, image_bgr: np.ndarray) -> np.ndarray:
+    """controlnet-aux's hand detection for one person: `OpenposeDetector.detect_hands` (boxes
+    from `util.handDetect`, joints from `Hand.__call__`) with `hand_net` as the hand model.
+    `keypoints` [18, 3] in `image_bgr` pixels. Returns float32 [2, 21, 3] (left, right) in
+    pixels, score 1 for a found joint, (0, 0, 0) for a missing one or hand."""
+    from controlnet_aux.open_pose import OpenposeDetector
+    from controlnet_aux.open_pose.body import BodyResult, Keypoint
+    from controlnet_aux.open_pose.hand import Hand
+
+    hand = Hand.__new__(Hand)  # Hand.__init__ would load a checkpoint
+    hand.model = hand_net
+    detector = OpenposeDetector.__new__(OpenposeDetector)
+    detector.hand_estimation = hand
+    body = BodyResult([Keypoint(float(x), float(y)) if score > 0 else None for x, y, score in keypoints], 0.0, 0)
+    height, width = image_bgr.shape[:2]
+    out = np.zeros((2, NUM_HAND_JOINTS, 3), dtype=np.float32)
+    for side, found in enumerate(detector.detect_hands(body, image_bgr)):
+        for joint, point in enumerate(found or ()):
+            if point.x >= 0 and point.y >= 0:  # detect_hands marks a missing joint with -1 / size
+                out[side, joint] = (point.x * width, point.y * height, 1.0)
+    return out
 
 
 def original_key_names(state_dict: dict) -> dict:
@@ -258,6 +313,8 @@ class OpenPoseExtractor(Extractor):
     default_model = "lllyasviel/Annotators"
     batch_size = 16
     gpu_share = 0.25  # 52M-parameter conv net: several actors share one GPU
+    # `openpose:full`: body + both hands (controlnet-aux's hand model), as DWPose renders them
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"full": {"hands": True, "consumers": ["imagpose", "pcdm"]}}
 
     def __init__(
         self,
@@ -266,10 +323,16 @@ class OpenPoseExtractor(Extractor):
         resolution: tuple[int, int] = (512, 352),
         dtype: str = "fp32",
         seed: int = 0,
+        preset: str | None = None,
     ) -> None:
         super().__init__(weights=weights, model=model, resolution=resolution, dtype=dtype, seed=seed)
+        if preset is not None and preset not in self.PRESETS:
+            raise ValueError(f"unknown openpose preset {preset!r}; known: {', '.join(sorted(self.PRESETS))} (none = body only)")
+        self.preset = preset
+        self.hands = bool(preset and self.PRESETS[preset]["hands"])
         self.dtype = "fp32"
         self.net = None
+        self.hand_net = None
         self._body = None
 
     # ---- description ------------------------------------------------------------------------
@@ -287,8 +350,16 @@ class OpenPoseExtractor(Extractor):
                 "skeleton.png",
                 "uint8",
                 ("H", "W", 3),
-                "OpenPose body render as ControlNet / PCDMs draw it (posedata.render.draw_openpose)",
+                "OpenPose body render as ControlNet / PCDMs draw it (posedata.render.draw_openpose)"
+                + (", hands on top as DWPose draws them" if self.hands else ""),
             ),
+            **({"hands.npy": OutputSpec(
+                "hands.npy",
+                "float32",
+                (2, NUM_HAND_JOINTS, 3),
+                "left and right hand, 21 OpenPose hand joints each (x, y, score) in stored-image pixels; score 1 = found; "
+                "missing hand or joint = (0, 0, 0)",
+            )} if self.hands else {}),
         }
 
     def fingerprint_inputs(self) -> dict[str, Any]:
@@ -322,7 +393,59 @@ class OpenPoseExtractor(Extractor):
             "limb_dim": LIMB_DIM,
             "joint_radius": JOINT_RADIUS,
         }
+        if self.hands:  # only here, so the body-only fingerprint stays what it was
+            inputs["hands"] = {
+                "detector": "controlnet_aux.open_pose.OpenposeDetector.detect_hands (util.handDetect + hand.Hand)",
+                "weights_file": None if self.weights != "pretrained" else self._hand_weights_filename(),
+                "weights_digest": _file_digest(self._hand_weights_local()) if self.weights == "pretrained" and os.path.exists(self.model_id) else None,
+                "architecture": TINY_HAND_ARCHITECTURE if self.weights == "tiny" else FULL_HAND_ARCHITECTURE,
+                "scale_search": list(HAND_SCALE_SEARCH),
+                "peak_threshold": HAND_PEAK_THRESHOLD,
+                "box_ratio_wrist_elbow": HAND_BOX_RATIO_WRIST_ELBOW,
+                "render": {"edges": len(HAND_EDGES), "line_thickness": HAND_LINE_THICKNESS, "joint_radius": HAND_JOINT_RADIUS},
+            }
         return inputs
+
+    def _hand_weights_filename(self) -> str:
+        return HUB_HAND_WEIGHTS_FILES.get(self.model_id, HAND_WEIGHTS_FILE)
+
+    def _hand_weights_local(self) -> str:
+        """hand_pose_model.pth beside the body weights (a folder, or the body .pth's folder)."""
+        folder = self.model_id if os.path.isdir(self.model_id) else os.path.dirname(self.model_id)
+        path = os.path.join(folder, HAND_WEIGHTS_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder or '.'}: no {HAND_WEIGHTS_FILE} (openpose:full needs the hand model beside the body model)")
+        return path
+
+    def hand_weights_path(self) -> str:
+        """Local path of hand_pose_model.pth for weights="pretrained" (downloads a hub id)."""
+        if os.path.exists(self.model_id):
+            return self._hand_weights_local()
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=self.model_id, filename=self._hand_weights_filename())
+
+    def build_hand_net(self):
+        """The hand network for `weights`, on CPU, in eval mode, without gradients."""
+        import torch
+
+        if self.weights == "pretrained":
+            from controlnet_aux.open_pose.model import handpose_model
+            from controlnet_aux.open_pose.util import transfer
+
+            net = handpose_model()
+            state = torch.load(self.hand_weights_path(), map_location="cpu", weights_only=True)
+            net.load_state_dict(transfer(net, state))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed + 1)  # not the body's stream
+                if self.weights == "random":
+                    from controlnet_aux.open_pose.model import handpose_model
+
+                    net = handpose_model()
+                else:
+                    net = build_tiny_handpose_net()
+        return net.eval().requires_grad_(False)
 
     def _weights_filename(self) -> str:
         return HUB_WEIGHTS_FILES.get(self.model_id, BODY_WEIGHTS_FILE)
@@ -368,6 +491,7 @@ class OpenPoseExtractor(Extractor):
     def setup(self, device: str) -> None:
         self.device = device
         self.net = self.build_net().to(device)
+        self.hand_net = self.build_hand_net().to(device) if self.hands else None
         self._body = _replay_body()
 
     def null_embedding(self) -> dict[str, np.ndarray] | None:
@@ -393,15 +517,18 @@ class OpenPoseExtractor(Extractor):
             by_size.setdefault(image.shape[:2], []).append(i)
         for (height, width), indices in by_size.items():
             # controlnet-aux's Body works on BGR (OpenposeDetector flips RGB input first).
-            inputs = np.stack([preprocess_for_body(np.ascontiguousarray(images[i][:, :, ::-1])) for i in indices])
+            bgr = {i: np.ascontiguousarray(images[i][:, :, ::-1]) for i in indices}
+            inputs = np.stack([preprocess_for_body(bgr[i]) for i in indices])
             pafs, heatmaps = self.forward(inputs)
             for row, i in enumerate(indices):
                 candidate, subset = decode_network_outputs(pafs[row], heatmaps[row], height, width, body=self._body)
                 keypoints = select_person(candidate, subset)
+                hands = detect_hands(self.hand_net, keypoints, bgr[i]) if self.hands else None
                 results[i] = {
                     "keypoints.npy": keypoints,
-                    "skeleton.png": draw_openpose(keypoints, height, width),
+                    "skeleton.png": draw_openpose(keypoints, height, width, hands=hands),
                     NOTES: pose_notes(keypoints, people=len(subset)),
+                    **({"hands.npy": hands} if hands is not None else {}),
                 }
         return results  # type: ignore[return-value]
 
