@@ -226,12 +226,18 @@ def _out(attn, x: torch.Tensor) -> torch.Tensor:
     return attn.to_out[1](attn.to_out[0](x))
 
 
-class SourceWriter:
-    """SourceNet `attn1` processor of one fused block (eq. 6-7, see the module docstring)."""
+class SourceDone(Exception):
+    """Raised by the last fused block's writer: SourceNet's later layers feed nothing."""
 
-    def __init__(self, name: str, state: FusionState, sigma: float = SIGMA, delta: float = DELTA, chunk_size: int = 1024):
+
+class SourceWriter:
+    """SourceNet `attn1` processor of one fused block (eq. 6-7, see the module docstring).
+    `last`: stop SourceNet's forward pass (`SourceDone`) once this block has written."""
+
+    def __init__(self, name: str, state: FusionState, sigma: float = SIGMA, delta: float = DELTA, chunk_size: int = 1024,
+                 last: bool = False):
         self.name, self.state = name, state
-        self.sigma, self.delta, self.chunk_size = sigma, delta, chunk_size
+        self.sigma, self.delta, self.chunk_size, self.last = sigma, delta, chunk_size, last
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         q, k, v = (_heads(attn, proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
@@ -245,6 +251,8 @@ class SourceWriter:
                                                         chunk_size=self.chunk_size)
             state.source[self.name] = _out(attn, _merge(reweighted).to(hidden_states.dtype))
             state.received[self.name] = received
+            if self.last:
+                raise SourceDone
         return _out(attn, _merge(own).to(hidden_states.dtype))
 
 
