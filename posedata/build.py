@@ -28,7 +28,7 @@ import posedata
 from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_order, extractor_class, parse_spec, provider
 from posedata.errors import PosedataError
 from posedata.extractors.base import Extractor
-from posedata.images import ImageRejected, decode_image, encode_jpeg, read_source_bytes, resize
+from posedata.images import ImageRejected, NotRegularFile, read_source_bytes, store_image
 from posedata.layout import CARD, DONE, MANIFEST, REJECTS, DatasetLocation
 from posedata.plan import ShardTask, plan_shards
 from posedata.records import STAGE_DECODE, SourceScan
@@ -75,33 +75,38 @@ class BuildConfig:
 
 
 def decode_rows(rows: list[dict[str, Any]], height: int, width: int) -> list[dict[str, Any]]:
-    """Read, decode and resize each input; a bad file becomes a rejected row, never a crash."""
+    """Read, decode and resize each input; a bad file becomes a rejected row, never a crash:
+    whatever goes wrong between opening the file and the stored JPEG rejects that file alone,
+    with the exception's text in the reason."""
     out = []
     for row in rows:
         row = dict(row, status="ok", stage="", reason="", notes="", jpg=b"", meta=b"", sha256="", original_width=0, original_height=0)
         try:
             data = read_source_bytes(row["path"])
-        except (OSError, PermissionError) as e:
-            out.append(dict(row, status="rejected", stage=STAGE_DECODE, reason=f"cannot read file: {e.__class__.__name__}: {e}"))
+        except NotRegularFile as e:
+            out.append(dict(row, status="rejected", stage=STAGE_DECODE, reason=str(e)))
+            continue
+        except OSError as e:
+            out.append(dict(row, status="rejected", stage=STAGE_DECODE, reason=f"cannot read file: {e.__class__.__name__}: {e.strerror or e}"))
             continue
         row["sha256"] = hashlib.sha256(data).hexdigest()
         try:
-            image = decode_image(data, row["path"])
+            stored = store_image(data, height, width)
         except ImageRejected as e:
             out.append(dict(row, status="rejected", stage=STAGE_DECODE, reason=str(e)))
             continue
-        row["original_width"], row["original_height"] = image.size
-        row["jpg"] = encode_jpeg(resize(image, height, width))
-        row["meta"] = json.dumps(
-            {
-                "key": row["key"],
-                "split": row["split"],
-                "group": row["group"],
-                "source_path": row["path"],
-                "original_size": [row["original_height"], row["original_width"]],
-            },
-            sort_keys=True,
-        ).encode()
+        row["original_width"], row["original_height"] = stored.original_size
+        row["jpg"] = stored.jpg
+        meta = {
+            "key": row["key"],
+            "split": row["split"],
+            "group": row["group"],
+            "source_path": row["path"],
+            "original_size": [row["original_height"], row["original_width"]],
+        }
+        if stored.colour:
+            meta["colour"] = stored.colour
+        row["meta"] = json.dumps(meta, sort_keys=True).encode()
         out.append(row)
     return out
 

@@ -3,10 +3,12 @@ stored resolution or raises `ImageRejected` with a reason a person understands."
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -15,8 +17,23 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MIN_SIDE = 16
 # Largest image we decode (pixels). PIL's own bomb guard trips at 2 x 89 MP; we set it
 # explicitly so a 10000 x 10000 photo (100 MP) is processed, and anything larger rejected.
-MAX_PIXELS = 16384 * 16384
+MAX_SIDE_AT_SQUARE = 16384
+MAX_PIXELS = MAX_SIDE_AT_SQUARE * MAX_SIDE_AT_SQUARE
 JPEG_QUALITY = 95
+
+
+# The formats a photo comes in; Image.open tries only these (no EPS through Ghostscript, no
+# font or scientific formats). HEIC / HEIF through pillow-heif; JPEG includes MPO (phones).
+PHOTO_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "AVIF", "HEIF", "JPEG2000", "PPM")
+
+try:
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:  # pragma: no cover - a runtime dependency; HEIC files are then rejected
+    PHOTO_FORMATS = tuple(f for f in PHOTO_FORMATS if f != "HEIF")
+Image.init()  # register every plugin: Image.open(formats=...) looks each name up
+PHOTO_FORMATS = tuple(f for f in PHOTO_FORMATS if f in Image.OPEN)
 
 
 class ImageRejected(ValueError):
@@ -46,33 +63,139 @@ def file_kind(mode: int) -> str:
     return "not a file"
 
 
+@dataclass
+class StoredImage:
+    """What the build keeps of one input photo."""
+
+    jpg: bytes  # at the stored resolution
+    original_size: tuple[int, int]  # (width, height), upright
+    colour: str  # how colours were handled (an ICC profile converted to sRGB), or ""
+
+
+def store_image(data: bytes, height: int, width: int) -> StoredImage:
+    """Input bytes -> the stored JPEG at height x width. Any failure on the way (decoding,
+    EXIF transpose, mode or colour conversion, resize, encode) raises ImageRejected naming
+    the exception, so one hostile file can only ever become a reject."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns per damaged tag; the reason says it once
+            image, colour = _decode(data)
+            return StoredImage(encode_jpeg(resize(image, height, width)), image.size, colour)
+    except ImageRejected:
+        raise
+    except MemoryError:
+        raise ImageRejected("image too large to decode in memory") from None
+    except Exception as e:  # noqa: BLE001 - whatever a decoder throws, it is this file's fault
+        raise ImageRejected(f"corrupt or truncated image: {_exception_text(e)}") from None
+
+
 def decode_image(data: bytes, path: str = "") -> Image.Image:
-    """Bytes -> upright RGB PIL image, handling the modes real datasets contain."""
+    """Bytes -> upright RGB PIL image (sRGB), handling the modes real datasets contain."""
+    return _decode(data)[0]
+
+
+def _exception_text(error: BaseException) -> str:
+    """`struct.error: unpack requires ...`: the exception's class and its first line."""
+    cls = type(error)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{name}: {text}" if text else name
+
+
+def _decode(data: bytes) -> tuple[Image.Image, str]:
     if len(data) == 0:
         raise ImageRejected("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageRejected(f"image too large ({width}x{height} > {MAX_PIXELS} pixels)")
+        image = _open_checked(data)
+        with _pixel_limit(MAX_PIXELS):  # frames and tiles some formats size while loading
             image.load()
     except ImageRejected:
         raise
+    except Image.DecompressionBombError as e:
+        raise ImageRejected(f"image too large: {e}") from None
     except UnidentifiedImageError:
-        raise ImageRejected("not an image (no known image format in the file's bytes)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageRejected(f"corrupt or truncated image: {e}") from None
-
-    # EXIF orientation: phone photos are stored sideways with a rotate tag.
-    image = ImageOps.exif_transpose(image)
+        raise ImageRejected("not an image (its bytes are none of JPEG, PNG, WebP, GIF, TIFF, BMP, AVIF, HEIC, JPEG 2000, PPM)") from None
+    except Exception as e:  # noqa: BLE001 - OSError, SyntaxError, struct.error, TypeError, ...
+        raise ImageRejected(f"corrupt or truncated image: {_exception_text(e)}") from None
+    try:
+        # EXIF orientation: phone photos are stored sideways with a rotate tag.
+        image = ImageOps.exif_transpose(image)
+    except Exception as e:  # noqa: BLE001
+        raise ImageRejected(f"corrupt EXIF block: {_exception_text(e)}") from None
+    if image.mode == "F":
+        pixels = np.asarray(image)
+        bad = int(np.count_nonzero(~np.isfinite(pixels)))
+        if bad:
+            raise ImageRejected(f"float image with NaN or infinite pixels ({bad} of {pixels.size})")
+    image, colour = to_srgb(image)
     image = to_rgb(image)
     width, height = image.size
     if min(width, height) < MIN_SIDE:
         raise ImageRejected(f"image too small ({width}x{height}; need at least {MIN_SIDE} px per side)")
+    return image, colour
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """Image.open with our own size limit, checked from the header before any pixel is
+    decoded, so an image too large says its size (PIL's own guard only says "bomb")."""
+    with _pixel_limit(None):  # the check below replaces PIL's
+        image = Image.open(io.BytesIO(data), formats=PHOTO_FORMATS)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise ImageRejected(f"image too large: {width}x{height}, limit {MAX_PIXELS} pixels ({MAX_SIDE_AT_SQUARE}x{MAX_SIDE_AT_SQUARE})")
     return image
+
+
+@contextlib.contextmanager
+def _pixel_limit(limit: int | None):
+    """PIL's decompression-bomb limit set to `limit` (None: off), its warning silenced."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+_SRGB = None
+
+
+def to_srgb(image: Image.Image) -> tuple[Image.Image, str]:
+    """Apply an embedded ICC profile (Display P3, Adobe RGB, a CMYK press profile): the
+    stored JPEG has no profile, so its values must be sRGB or colours shift. Returns the
+    image (RGB when converted) and what was done, for the sample's meta. A profile that
+    cannot be read or applied leaves the values as they are and says so."""
+    global _SRGB
+    icc = image.info.get("icc_profile")
+    if not icc:
+        return image, ""
+    from PIL import ImageCms
+
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        name = (ImageCms.getProfileDescription(profile) or "").strip() or "unnamed"
+        space = profile.profile.xcolor_space.strip()
+    except Exception as e:  # noqa: BLE001
+        return image, f"embedded ICC profile unreadable ({_exception_text(e)}): values kept as they are"
+    if name.lower().startswith("srgb"):
+        return image, f"sRGB (ICC profile {name!r})"
+    modes = {"RGB": ("RGB", "RGBA"), "CMYK": ("CMYK",), "GRAY": ("L",)}.get(space, ())
+    if image.mode not in modes:
+        return image, f"ICC profile {name!r} ({space}) does not fit a {image.mode} image: values kept as they are"
+    if _SRGB is None:
+        _SRGB = ImageCms.createProfile("sRGB")
+    try:
+        if image.mode == "RGBA":
+            alpha = image.getchannel("A")
+            converted = ImageCms.profileToProfile(image.convert("RGB"), profile, _SRGB, outputMode="RGB")
+            converted.putalpha(alpha)
+        else:
+            converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
+    except Exception as e:  # noqa: BLE001
+        return image, f"ICC profile {name!r} could not be applied ({_exception_text(e)}): values kept as they are"
+    return converted, f"converted to sRGB from ICC profile {name!r}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

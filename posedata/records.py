@@ -7,6 +7,7 @@ Ray tasks, where a bad file becomes a reject instead of a crash.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -16,13 +17,25 @@ STAGE_SCAN = "scan"  # the source adapter: unlisted, missing, junk id, duplicate
 STAGE_DECODE = "decode"  # reading and decoding the file
 STAGE_EXTRACT = "extract"  # an extractor failed on this image
 
+# A path whose key is itself with "/" written "__": only key characters, single
+# underscores never next to a "/", and no ending that looks like the hash suffix below.
+_KEY_CLEAN = re.compile(r"(?!.*__)(?!.*_/)(?!.*/_)(?!.*//)(?!/)(?!.*/$)(?!.*-[0-9a-f]{12}$)[A-Za-z0-9_\-/]*")
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+KEY_HASH_DIGITS = 12
 
 
 def safe_key(text: str) -> str:
-    """A webdataset-safe sample key: webdataset splits a tar member's name at its first dot,
-    so a key must have none; slashes are flattened so a key is one path component."""
-    return _KEY_UNSAFE.sub("_", text.replace("/", "__"))
+    """A webdataset-safe sample key for a relative path without its extension, different
+    for every different path. webdataset splits a tar member's name at its first dot, so a
+    key has none and no "/": "/" is written "__" (`alice/front` -> `alice__front`). When
+    any other character had to be replaced (a space, a dot, `张三`, `Café` in either Unicode
+    form, an emoji) or the path is otherwise ambiguous (`a__b` next to `a/b`), the key is
+    the replaced text plus `-` and the first 12 hex digits of the path's sha256
+    (`a b` -> `a_b-<hash>`), so two different paths never share a key."""
+    if _KEY_CLEAN.fullmatch(text):
+        return text.replace("/", "__")
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:KEY_HASH_DIGITS]
+    return f"{_KEY_UNSAFE.sub('_', text.replace('/', '__'))}-{digest}"
 
 
 @dataclass

@@ -125,14 +125,15 @@ def test_deepfashion_original_tree_with_lists(tmp_path, sample_names):
     text_as_jpeg.write_text("not a jpeg")
     unlisted = write_jpeg(root / "img_highres/MEN/Denim/id_99999999/01_1_front.jpg")
     not_deepfashion = write_jpeg(root / "img_highres/holiday.jpg")
-    (root / "img_highres/notes.txt").write_text("not an input")
+    notes = root / "img_highres/notes.txt"  # every file is an input: rejected by name here
+    notes.write_text("an input too")
     missing = "fashionMENDenimid9999999802_2side.jpg"
     write_lines(root / "train.lst", train_names + [missing])
     write_lines(root / "test.lst", test_names)
 
     scan = DeepFashionSource(str(root)).scan()
 
-    assert_sorted_and_accounted(scan, inputs=len(sample_names) + 2 + 1)  # + 1 missing entry
+    assert_sorted_and_accounted(scan, inputs=len(sample_names) + 3 + 1)  # + 1 missing entry
     by_key = {r.key: r for r in scan.records}
     assert set(by_key) == {stem_key(n) for n in sample_names}
     for name in sample_names:
@@ -148,9 +149,11 @@ def test_deepfashion_original_tree_with_lists(tmp_path, sample_names):
     assert reasons == {
         str(unlisted): "not listed in train.lst or test.lst",
         str(not_deepfashion): reasons[str(not_deepfashion)],
+        str(notes): reasons[str(notes)],
         missing: "listed in train.lst, file not found",
     }
     assert reasons[str(not_deepfashion)].startswith("not a DeepFashion image name")
+    assert reasons[str(notes)].startswith("not a DeepFashion image name")
     missing_reject = next(r for r in scan.rejects if r.path == missing)
     assert (missing_reject.key, missing_reject.split) == (stem_key(missing), "train")
 
@@ -162,8 +165,8 @@ def test_deepfashion_original_tree_with_lists(tmp_path, sample_names):
     assert train_lst["entries"] == 15 and train_lst["canonical"] is False
     assert info["files"]["test.lst"]["canonical"] is None  # no canonical hash recorded
     assert any("train.lst is not the canonical list" in w for w in info["warnings"])
-    assert info["counts"]["images_found"] == 22
-    assert info["counts"]["non_image_files"] == 1
+    assert info["counts"]["files_found"] == 23
+    assert info["counts"]["refused_while_listing"] == 0
     assert info["counts"]["list_entries_without_file"] == 1
     assert info["counts"]["records_by_split"] == {"test": 6, "train": 14}
     assert scan.pairs == {}
@@ -460,7 +463,8 @@ def test_market1501(tmp_path):
     junk = write_jpeg(root / "bounding_box_test/-1_c1s1_000401_03.jpg")
     distractor = write_jpeg(root / "bounding_box_test/0000_c1s1_000151_01.jpg")
     odd = write_jpeg(root / "bounding_box_train/thumbs.jpg")
-    (root / "bounding_box_train/Thumbs.db").write_text("")
+    thumbs_db = root / "bounding_box_train/Thumbs.db"  # an input too: rejected by its name
+    thumbs_db.write_text("")
     write_jpeg(root / "query/0001_c1s1_001051_00.jpg")  # not an input
     (root / "market-pairs-train.csv").write_text(f"from,to\n{train[0]},{train[1]}\n")
     ys, xs = list(range(18)), [-1] * 2 + list(range(30, 46))
@@ -488,9 +492,10 @@ def test_market1501(tmp_path):
     assert annotations["keypoints"][:3] == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [30.0, 2.0, 1.0]]
     assert scan.info["ignored_folders"] == ["query"]
     assert scan.info["layout"] == "bounding-box"
-    assert scan.info["counts"]["non_image_files"] == 1
+    assert reasons[str(thumbs_db)].startswith("not a Market-1501 name")
+    assert scan.info["counts"]["files_found"] == 9
     assert "market-pairs-train.csv" in scan.info["files"]
-    assert_sorted_and_accounted(scan, inputs=8)
+    assert_sorted_and_accounted(scan, inputs=9)
 
 
 def test_market1501_patn_train_test_folders(tmp_path):
@@ -505,33 +510,95 @@ def test_market1501_patn_train_test_folders(tmp_path):
 # -- folder -----------------------------------------------------------------------------
 
 
-def test_folder_default_groups_keys_duplicates_and_hidden(tmp_path):
+def test_folder_every_file_is_an_input_keys_duplicates_and_hidden(tmp_path):
     root = tmp_path / "photos"
-    write_jpeg(root / "alice/look 1/front.jpg")
-    write_jpeg(root / "alice/look 1/back.JPEG")
+    write_jpeg(root / "alice/look_1/front.jpg")
+    write_jpeg(root / "alice/look_1/back.JPEG")
     write_jpeg(root / "bob/side.png")
     png_twin = write_jpeg(root / "bob/side.webp")  # same key as side.png
+    notes_twin = root / "bob/front.json"  # same key as front.tif: the photo keeps the key
+    notes_twin.write_text("{}")
+    write_jpeg(root / "bob/front.tif")
     write_jpeg(root / "solo.bmp")
-    (root / "fake.jpg").write_text("text, not an image")  # listed; decode rejects it later
-    write_jpeg(root / ".cache/thumb.jpg")
-    write_jpeg(root / "bob/.hidden.jpg")
-    (root / "bob/notes.txt").write_text("")
+    write_jpeg(root / "scan.TIFF")
+    (root / "fake.jpg").write_text("text, not an image")  # an input; decode rejects it later
+    (root / "bob/notes.txt").write_text("")  # an input too: its bytes decide
+    hidden_folder = write_jpeg(root / ".cache/thumb.jpg").parent
+    hidden_file = write_jpeg(root / "bob/.hidden.jpg")
 
     scan = FolderSource(str(root)).scan()
 
     assert {(r.key, r.group, r.split) for r in scan.records} == {
-        ("alice__look_1__front", "alice/look 1", "train"),
-        ("alice__look_1__back", "alice/look 1", "train"),
+        ("alice__look_1__front", "alice/look_1", "train"),
+        ("alice__look_1__back", "alice/look_1", "train"),
         ("bob__side", "bob", "train"),
+        ("bob__front", "bob", "train"),
+        ("bob__notes", "bob", "train"),
         ("solo", "photos", "train"),
+        ("scan", "photos", "train"),
         ("fake", "photos", "train"),
     }
+    assert {r.key: r.path for r in scan.records}["bob__front"] == str(root / "bob/front.tif")
     assert reasons_by_path(scan) == {
-        str(png_twin): f"duplicate key bob__side (same as {root / 'bob/side.png'})"
+        str(png_twin): f"duplicate key bob__side (same as {root / 'bob/side.png'})",
+        str(notes_twin): f"duplicate key bob__front (same as {root / 'bob/front.tif'})",
+        str(hidden_folder): "hidden folder (name starts with '.'): not read",
+        str(hidden_file): "hidden file (name starts with '.'): not read",
     }
-    assert scan.info["counts"]["non_image_files"] == 1
-    assert scan.info["counts"]["hidden_skipped"] == 2
-    assert_sorted_and_accounted(scan, inputs=6)
+    assert scan.info["counts"] == {**scan.info["counts"], "files_found": 10, "refused_while_listing": 2}
+    assert_sorted_and_accounted(scan, inputs=12)
+
+
+def test_folder_keys_are_injective(tmp_path):
+    """Names that only differ in characters a key cannot hold get different keys (a short
+    hash of the path); clean names keep their plain key."""
+    root = tmp_path / "photos"
+    names = ["张三.jpg", "李四.jpg", "王五.jpg", "Caf\u00e9.jpg", "Cafe\u0301.jpg", "\U0001f600.jpg", "\U0001f601.jpg", "a b.jpg", "a_b.jpg", "a.b.jpg", "x::y.jpg", "x__y.jpg", "x/y.jpg", "p-0123456789ab.jpg"]
+    for name in names:
+        write_jpeg(root / "people" / name)
+
+    scan = FolderSource(str(root)).scan()
+
+    assert scan.rejects == []
+    keys = {Path(r.path).name if "/x/" not in r.path else "x/y.jpg": r.key for r in scan.records}
+    assert len(set(keys.values())) == len(names)
+    assert keys["a_b.jpg"] == "people__a_b" and keys["x/y.jpg"] == "people__x__y"  # clean: as before
+    assert keys["a b.jpg"].startswith("people__a_b-") and keys["x__y.jpg"].startswith("people__x__y-")
+    assert all(len(keys[n].rsplit("-", 1)[1]) == 12 for n in ("张三.jpg", "Café.jpg", "a.b.jpg", "x::y.jpg", "p-0123456789ab.jpg"))
+    assert_sorted_and_accounted(scan, inputs=len(names))
+
+
+def test_folder_refuses_pipes_broken_links_and_unlistable_folders(tmp_path, monkeypatch):
+    import os
+
+    root = tmp_path / "photos"
+    write_jpeg(root / "ok/a.jpg")
+    pipe = root / "ok/pipe.jpg"
+    os.mkfifo(pipe)
+    broken = root / "ok/gone.jpg"
+    broken.symlink_to(root / "nowhere.jpg")
+    locked = write_jpeg(root / "locked/b.jpg").parent
+    # As the kernel answers an ordinary user for a mode-000 folder (tests often run as root,
+    # which lists anything; tests/test_hostile_inputs.py does it for real under setpriv).
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+    scan = FolderSource(str(root)).scan()
+
+    reasons = reasons_by_path(scan)
+    assert reasons == {
+        str(pipe): "not a regular file (a named pipe)",
+        str(broken): "broken symlink (its target does not exist)",
+        str(locked): "cannot list folder: PermissionError: Permission denied",
+    }
+    assert [r.key for r in scan.records] == ["ok__a"]
+    assert_sorted_and_accounted(scan, inputs=4)
 
 
 def test_folder_group_regex(tmp_path):
@@ -605,11 +672,12 @@ def test_folder_scans_the_real_fixture_photos(fixtures_dir):
         "pcdms_img6_750x1101",
         "pcdms_img7_750x1101",
         "pcdms_img8_750x1101",
+        "train",
     ]
     assert {(r.split, r.group) for r in scan.records} == {("train", "deepfashion")}
     assert all(Path(r.path).is_file() and r.path.startswith(str(root)) for r in scan.records)
-    assert scan.info["counts"]["non_image_files"] == 1  # train.lst
-    assert_sorted_and_accounted(scan, inputs=5)
+    assert scan.rejects == []  # train.lst is an input too: the decode stage rejects it
+    assert_sorted_and_accounted(scan, inputs=6)
 
 
 # -- errors, registry, manifests --------------------------------------------------------
@@ -629,7 +697,6 @@ def test_missing_root_is_a_one_line_source_error(tmp_path, source):
 @pytest.mark.parametrize("source", SOURCES)
 def test_empty_root_is_a_one_line_source_error(tmp_path, source):
     (tmp_path / "random").mkdir()
-    (tmp_path / "random" / "readme.txt").write_text("")
     with pytest.raises(SourceError) as caught:
         source(str(tmp_path)).scan()
     assert "\n" not in str(caught.value) and "expected" in str(caught.value)
@@ -649,7 +716,7 @@ def test_wrong_layout_messages_say_what_was_expected(tmp_path):
     with pytest.raises(SourceError, match=expected_market):
         Market1501Source(str(tmp_path)).scan()
     (tmp_path / "img").mkdir()
-    with pytest.raises(SourceError, match=r"img/ hold no images"):
+    with pytest.raises(SourceError, match=r"img/ hold no files"):
         DeepFashionSource(str(tmp_path)).scan()
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import posixpath
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,15 +21,16 @@ from typing import Any
 from posedata.records import STAGE_SCAN, Record, Reject, SourceScan, safe_key
 from posedata.sources.base import SourceError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+# Extensions photos usually have. Not a filter (every file is an input and its bytes decide
+# whether it is an image): only which file keeps a key when two differ only by extension.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"})
 
 # OpenPose / COCO-18 order (DESIGN.md §4); every keypoint list a source stores has this length.
 KEYPOINT_COUNT = 18
 
 
 def is_image_name(name: str) -> bool:
-    """By extension only (case-insensitive): a source never opens files, so a text file named
-    `.jpg` is still listed and the build's decode stage rejects it."""
+    """By extension only (case-insensitive)."""
     return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -46,38 +48,61 @@ def require_directory(root: Path, expected: str) -> None:
 
 @dataclass
 class FileListing:
-    """Files under one directory, as sorted posix paths relative to it."""
+    """What is under one directory: its files (every one an input: the decode stage decides
+    from the bytes whether it is an image) as sorted posix paths relative to it, and the
+    entries that cannot be inputs, each with the reason it becomes a reject."""
 
-    images: list[str] = field(default_factory=list)
-    other_files: int = 0  # wrong extension: not inputs, only counted
-    hidden_skipped: int = 0  # files or folders whose name starts with '.'
+    files: list[str] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
 
 
 def list_files(directory: Path) -> FileListing:
-    """Walk `directory` (following symlinked folders once each), skipping hidden entries."""
+    """Walk `directory`, following symlinked folders once each. Every regular file is listed;
+    everything else under it is refused with a reason, never left out silently: a folder
+    that cannot be listed (permissions), a named pipe, socket or device, a broken symlink,
+    and hidden files and folders (name starting with '.', e.g. .DS_Store, .git: one reject
+    per hidden folder, which is not read)."""
+    from posedata.images import file_kind
+
     listing = FileListing()
     seen_real_dirs: set[str] = set()
-    for current, dirnames, filenames in os.walk(directory, followlinks=True):
+
+    def relative(path: str) -> str:
+        return os.path.relpath(path, directory).replace(os.sep, "/")
+
+    def unlistable(error: OSError) -> None:
+        if error.filename is None or os.path.abspath(error.filename) == os.path.abspath(directory):
+            raise SourceError(f"{directory}: cannot list this folder ({error.strerror or error}); check its permissions") from None
+        where = relative(error.filename)
+        listing.refused.append((where, f"cannot list folder: {error.__class__.__name__}: {error.strerror or error}"))
+
+    for current, dirnames, filenames in os.walk(directory, followlinks=True, onerror=unlistable):
         real = os.path.realpath(current)
         if real in seen_real_dirs:  # a symlink loop, or the same folder linked twice
             dirnames[:] = []
             continue
         seen_real_dirs.add(real)
-        visible_dirs = sorted(d for d in dirnames if not d.startswith("."))
-        listing.hidden_skipped += len(dirnames) - len(visible_dirs)
-        dirnames[:] = visible_dirs
-        relative_dir = os.path.relpath(current, directory)
+        for name in sorted(d for d in dirnames if d.startswith(".")):
+            listing.refused.append((relative(os.path.join(current, name)), "hidden folder (name starts with '.'): not read"))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
+            path = os.path.join(current, name)
             if name.startswith("."):
-                listing.hidden_skipped += 1
+                listing.refused.append((relative(path), "hidden file (name starts with '.'): not read"))
                 continue
-            relative = name if relative_dir == "." else f"{relative_dir}/{name}"
-            relative = relative.replace(os.sep, "/")
-            if is_image_name(name):
-                listing.images.append(relative)
+            try:
+                mode = os.stat(path).st_mode
+            except OSError as error:
+                broken = os.path.islink(path)
+                reason = "broken symlink (its target does not exist)" if broken else f"cannot read file: {error.__class__.__name__}: {error.strerror or error}"
+                listing.refused.append((relative(path), reason))
+                continue
+            if stat.S_ISREG(mode):
+                listing.files.append(relative(path))
             else:
-                listing.other_files += 1
-    listing.images.sort()
+                listing.refused.append((relative(path), f"not a regular file ({file_kind(mode)})"))
+    listing.files.sort()
+    listing.refused.sort()
     return listing
 
 
@@ -191,8 +216,9 @@ def load_manifest(name: str) -> dict[str, Any]:
 class ScanBuilder:
     """Collects candidate records and rejects, then resolves duplicate keys and sorts.
 
-    Duplicates: of several candidates with the same key, the first in sorted path order wins
-    and the others become rejects that name the winner, whatever order they were added in.
+    Duplicates: of several candidates with the same key, one with a photo extension wins over
+    others, then the first in sorted path order; the others become rejects that name the
+    winner, whatever order they were added in.
     """
 
     def __init__(self) -> None:
@@ -208,7 +234,8 @@ class ScanBuilder:
     def build(self, pairs: dict[str, list[tuple[str, str]]], info: dict[str, Any]) -> SourceScan:
         records: list[Record] = []
         winner_path: dict[str, str] = {}
-        for record in sorted(self._candidates, key=lambda r: r.path):
+        # A photo extension keeps the key before any other file (`look.jpg` over `look.json`).
+        for record in sorted(self._candidates, key=lambda r: (not is_image_name(r.path), r.path)):
             if record.key in winner_path:
                 self.reject(
                     record.path,

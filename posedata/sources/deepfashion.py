@@ -268,19 +268,19 @@ class DeepFashionSource:
     ) -> list[_FoundImage]:
         images: list[_FoundImage] = []
         counts = {
-            "images_found": 0,
+            "files_found": 0,
             "tree_names": 0,
             "flattened_names": 0,
-            "non_image_files": 0,
-            "hidden_skipped": 0,
+            "refused_while_listing": 0,
             "list_entries_without_file": 0,
         }
         for folder, folder_split in folders:
             listing = list_files(self.root / folder)
-            counts["images_found"] += len(listing.images)
-            counts["non_image_files"] += listing.other_files
-            counts["hidden_skipped"] += listing.hidden_skipped
-            for relative in listing.images:
+            counts["files_found"] += len(listing.files)
+            counts["refused_while_listing"] += len(listing.refused)
+            for relative, reason in listing.refused:
+                builder.reject(self.root / folder / relative, reason, key_from_name(relative), folder_split or "")
+            for relative in listing.files:
                 path = self.root / folder / relative
                 flat = flattened_name(relative)
                 group = item_group(flat)
@@ -298,12 +298,9 @@ class DeepFashionSource:
                 images.append(
                     _FoundImage(path, relative, flat, key_from_name(flat), group, folder_split)
                 )
-        if counts["images_found"] == 0:
+        if counts["files_found"] + counts["refused_while_listing"] == 0:
             folder_names = ", ".join(f"{f}/" for f, _ in folders)
-            raise SourceError(
-                f"{self.root}: {folder_names} hold no images (.jpg .jpeg .png .bmp .webp); "
-                f"{EXPECTED_LAYOUT}"
-            )
+            raise SourceError(f"{self.root}: {folder_names} hold no files; {EXPECTED_LAYOUT}")
         info["counts"] = counts
         return images
 

@@ -1,11 +1,13 @@
 """Any directory tree of photos.
 
-Every image under `root` (.jpg .jpeg .png .bmp .webp, any case; hidden files and folders
-skipped) becomes a record keyed by its path relative to root without the extension
-(`alice/look 1/front.jpg` -> key `alice__look_1__front`).
-Two files whose keys collide after sanitising (`a/b.jpg` and `a/b.png`) keep the first in
-path order; the other is rejected as a duplicate. Files with other extensions are not
-inputs: they are only counted in `info["counts"]["non_image_files"]`.
+Every file under `root` is an input (its bytes decide whether it is an image: a file that
+is not becomes a "not an image" reject at decode); hidden files and folders, folders that
+cannot be listed and anything that is not a regular file (a named pipe, a broken symlink)
+are rejects of the scan. A file is keyed by its path relative to root without the extension
+(`alice/look_1/front.jpg` -> key `alice__look_1__front`; see `safe_key` for names that need
+characters replaced). Two files whose keys collide (`a/b.jpg` and `a/b.png`) keep one, a
+photo extension before any other and then the first in path order; the other is rejected
+as a duplicate.
 
 Group: by default the parent folder relative to root (files directly in root take the root
 folder's name). With `group_regex`, the regex is searched in the relative posix path and the
@@ -28,7 +30,6 @@ from typing import Any, ClassVar
 from posedata.records import SourceScan
 from posedata.sources.base import SourceError
 from posedata.sources.common import (
-    IMAGE_EXTENSIONS,
     ScanBuilder,
     absolute_root,
     key_from_name,
@@ -36,7 +37,7 @@ from posedata.sources.common import (
     require_directory,
 )
 
-EXPECTED_LAYOUT = "expected a folder holding images (" + " ".join(sorted(IMAGE_EXTENSIONS)) + ")"
+EXPECTED_LAYOUT = "expected a folder holding photos (any format Pillow reads: JPEG, PNG, WebP, HEIC, ...)"
 
 
 def group_fraction(group: str, seed: int = 0) -> float:
@@ -96,11 +97,13 @@ class FolderSource:
     def scan(self) -> SourceScan:
         require_directory(self.root, EXPECTED_LAYOUT)
         listing = list_files(self.root)
-        if not listing.images:
-            raise SourceError(f"{self.root}: no images found; {EXPECTED_LAYOUT}")
+        if not listing.files and not listing.refused:
+            raise SourceError(f"{self.root}: no files found; {EXPECTED_LAYOUT}")
         builder = ScanBuilder()
+        for relative, reason in listing.refused:
+            builder.reject(self.root / relative, reason, key_from_name(relative))
         regex = f"'{self.group_pattern.pattern}'" if self.group_pattern else None
-        for relative in listing.images:
+        for relative in listing.files:
             path = self.root / relative
             key = key_from_name(relative)
             group = self.group_of(relative)
@@ -126,11 +129,7 @@ class FolderSource:
                 "seed": self.seed,
             },
             "files": {},
-            "counts": {
-                "images_found": len(listing.images),
-                "non_image_files": listing.other_files,
-                "hidden_skipped": listing.hidden_skipped,
-            },
+            "counts": {"files_found": len(listing.files), "refused_while_listing": len(listing.refused)},
             "warnings": [],
         }
         scan = builder.build({}, info)

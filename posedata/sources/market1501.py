@@ -87,13 +87,14 @@ class Market1501Source:
         }
         annotations = self._read_keypoints(info)
         builder = ScanBuilder()
-        counts = {"images_found": 0, "non_image_files": 0, "hidden_skipped": 0}
+        counts = {"files_found": 0, "refused_while_listing": 0}
         for split, folder in folders.items():
             listing = list_files(self.root / folder)
-            counts["images_found"] += len(listing.images)
-            counts["non_image_files"] += listing.other_files
-            counts["hidden_skipped"] += listing.hidden_skipped
-            for relative in listing.images:
+            counts["files_found"] += len(listing.files)
+            counts["refused_while_listing"] += len(listing.refused)
+            for relative, reason in listing.refused:
+                builder.reject(self.root / folder / relative, reason, key_from_name(posixpath.basename(relative)), split)
+            for relative in listing.files:
                 path = self.root / folder / relative
                 key = key_from_name(posixpath.basename(relative))
                 pid = person_id(relative)
@@ -111,12 +112,9 @@ class Market1501Source:
                     )
                 else:
                     builder.add(key, split, pid, path, annotations.get(key))
-        if counts["images_found"] == 0:
+        if counts["files_found"] + counts["refused_while_listing"] == 0:
             names = ", ".join(f"{f}/" for f in folders.values())
-            raise SourceError(
-                f"{self.root}: {names} hold no images (.jpg .jpeg .png .bmp .webp); "
-                f"{EXPECTED_LAYOUT}"
-            )
+            raise SourceError(f"{self.root}: {names} hold no files; {EXPECTED_LAYOUT}")
         info["counts"] = counts
         return builder.build(self._read_pairs(info), info)
 
