@@ -11,6 +11,7 @@ REGISTRY: dict[str, str] = {
     "pcdm-inpaint": "posedata.train.pcdm_inpaint:PcdmInpaintPlugin",
     "pcdm-refine": "posedata.train.pcdm_refine:PcdmRefinePlugin",
     "truepose": "posedata.train.truepose:TruePosePlugin",
+    "imagpose": "posedata.train.imagpose:ImagPosePlugin",
 }
 
 
