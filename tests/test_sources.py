@@ -355,6 +355,77 @@ def test_pair_csv_without_from_to_header_is_a_source_error(tmp_path, sample_name
         DeepFashionSource(str(root)).scan()
 
 
+def test_lists_and_csvs_with_a_byte_order_mark_are_read_as_written(tmp_path, sample_names):
+    """Windows editors save UTF-8 with a BOM: it must not stick to the first name."""
+    root = tmp_path / "df"
+    names = sample_names[:4]
+    build_original_tree(root, names)
+    (root / "train.lst").write_bytes("\ufeff".encode() + "".join(f"{n}\n" for n in names[:3]).encode())
+    (root / "test.lst").write_text(f"{names[3]}\n", encoding="utf-8-sig")
+    (root / "fasion-resize-pairs-train.csv").write_text(f"from,to\n{names[0]},{names[1]}\n", encoding="utf-8-sig")
+    ys, xs = list(range(10, 28)), list(range(20, 38))
+    (root / "fasion-resize-annotation-train.csv").write_text("name:keypoints_y:keypoints_x\n" + keypoint_csv_row(names[0], ys, xs), encoding="utf-8-sig")
+
+    scan = DeepFashionSource(str(root)).scan()
+
+    assert scan.rejects == []
+    assert {r.key: r.split for r in scan.records} == {stem_key(n): "train" for n in names[:3]} | {stem_key(names[3]): "test"}
+    assert scan.pairs == {"train": [(stem_key(names[0]), stem_key(names[1]))]}
+    assert {r.key: r.annotations for r in scan.records}[stem_key(names[0])]["keypoints"][0] == [20.0, 10.0, 1.0]
+
+
+def test_a_list_in_another_encoding_is_one_error_naming_file_and_line(tmp_path, sample_names):
+    root = tmp_path / "df"
+    build_original_tree(root, sample_names[:2])
+    (root / "train.lst").write_text(f"{sample_names[0]}\n{sample_names[1]}\n", encoding="utf-16")
+    with pytest.raises(SourceError) as caught:
+        DeepFashionSource(str(root)).scan()
+    assert str(caught.value) == f"{root / 'train.lst'}, line 1: not UTF-8 text (byte 0xff) (it looks like UTF-16); save it as UTF-8"
+
+    (root / "train.lst").write_bytes(f"{sample_names[0]}\nCaf\xe9.jpg\n".encode("latin-1"))
+    with pytest.raises(SourceError, match=r"train\.lst, line 2: not UTF-8 text \(byte 0xe9\)"):
+        DeepFashionSource(str(root)).scan()
+
+
+@pytest.mark.parametrize(
+    "file, text, words",
+    [
+        ("fasion-resize-pairs-train.csv", "from,to\n{a},{b}\n{a}\n", "fasion-resize-pairs-train.csv, line 3: expected two names 'from,to', found"),
+        ("fasion-resize-pairs-train.csv", "from,to\n{a},{b},{a}\n", "fasion-resize-pairs-train.csv, line 2: expected two names 'from,to'"),
+        ("train_pairs.txt", "img/{ta},img/{tb}\nimg/{ta}\n", "train_pairs.txt, line 2: expected 'target,source1[,source2...]'"),
+    ],
+)
+def test_a_malformed_pair_line_is_one_error_naming_file_and_line(tmp_path, sample_names, file, text, words):
+    root = tmp_path / "df"
+    build_original_tree(root, sample_names[:2], image_dir="img")
+    a, b = sample_names[:2]
+    (root / file).write_text(text.format(a=a, b=b, ta=unflatten_name(a), tb=unflatten_name(b)))
+    with pytest.raises(SourceError) as caught:
+        DeepFashionSource(str(root)).scan()
+    assert words in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_keypoints_outside_the_frame_are_stored_missing_and_reported(tmp_path, sample_names):
+    root = tmp_path / "df"
+    names = sample_names[:2]
+    build_original_tree(root, names)
+    ys, xs = list(range(10, 28)), list(range(20, 38))
+    typo_xs = [1000000000] + xs[1:]
+    typo_ys = ys[:2] + [300] + ys[3:]  # below the 256-high frame
+    (root / "fasion-resize-annotation-train.csv").write_text(
+        "name:keypoints_y:keypoints_x\n" + keypoint_csv_row(names[0], ys, xs) + keypoint_csv_row(names[1], typo_ys, typo_xs)
+    )
+
+    scan = DeepFashionSource(str(root)).scan()
+
+    points = {r.key: r.annotations["keypoints"] for r in scan.records}
+    assert points[stem_key(names[0])][0] == [20.0, 10.0, 1.0]
+    typo = points[stem_key(names[1])]
+    assert typo[0] == [0.0, 0.0, 0.0] and typo[2] == [0.0, 0.0, 0.0] and typo[1] == [21.0, 11.0, 1.0]
+    assert scan.info["files"]["fasion-resize-annotation-train.csv"]["joints_outside_frame"] == 2
+    assert any(f"2 joints not finite or outside the 256x176 frame stored as missing (first at line 3, {names[1]})" in w for w in scan.info["warnings"])
+
+
 # -- DeepFashion: PIDM layout -----------------------------------------------------------
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import math
 import os
 import posixpath
 import stat
@@ -127,25 +129,47 @@ def find_first(root: Path, names: list[str]) -> Path | None:
     return None
 
 
+def read_text(path: Path) -> str:
+    """A list or CSV file as text: UTF-8, with or without a byte-order mark (editors on
+    Windows add one, and it would otherwise stick to the first name). Any other encoding is
+    one error naming the file and the line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        hint = " (it looks like UTF-16)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise SourceError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{data[error.start]:02x}){hint}; save it as UTF-8"
+        ) from None
+
+
+def read_numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, stripped line) of every non-blank line."""
+    return [(n, line.strip()) for n, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
+
+
 def read_name_list(path: Path) -> list[str]:
     """One name per line; blank lines ignored."""
-    with open(path, encoding="utf-8") as handle:
-        return [line.strip() for line in handle if line.strip()]
+    return [line for _, line in read_numbered_lines(path)]
 
 
 def read_pair_csv(path: Path) -> list[tuple[str, str]]:
-    """PATN-style pair list: header `from,to`, one (source name, target name) per row."""
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if "from" not in columns or "to" not in columns:
-            raise SourceError(f"{path}: expected a pair CSV with header 'from,to', found {columns}")
-        reader.fieldnames = columns
-        return [
-            (row["from"].strip(), row["to"].strip())
-            for row in reader
-            if row.get("from") and row.get("to")
-        ]
+    """PATN-style pair list: header `from,to`, one (source name, target name) per row. A row
+    that is not two names is one error naming the file and the line."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if "from" not in columns or "to" not in columns:
+        raise SourceError(f"{path}: expected a pair CSV with header 'from,to', found {columns}")
+    reader.fieldnames = columns
+    pairs = []
+    for row in reader:
+        source, target = (row.get("from") or "").strip(), (row.get("to") or "").strip()
+        if not source or not target or None in row:
+            found = ",".join(str(v) for k, v in row.items() if k is not None and v) + ("," + ",".join(row[None]) if None in row else "")
+            raise SourceError(f"{path}, line {reader.line_num}: expected two names 'from,to', found {found!r}")
+        pairs.append((source, target))
+    return pairs
 
 
 def keypoints_from_xy(xs: list[float], ys: list[float]) -> list[list[float]]:
@@ -167,31 +191,67 @@ class KeypointTable:
 
     by_name: dict[str, list[list[float]]]
     malformed_rows: int
+    joints_outside_frame: int = 0  # not finite or outside the frame: stored as missing
+    first_outside: str = ""  # where the first of them is, for the warning
 
 
-def read_keypoint_csv(path: Path) -> KeypointTable:
+def read_keypoint_csv(path: Path, frame: tuple[int, int] | list[int] | None = None) -> KeypointTable:
     """PATN annotation CSV: `sep=':'`, header `name:keypoints_y:keypoints_x`, each a JSON list
     of 18 ints with -1 for a missing joint. A malformed row is counted, not fatal: it only
-    costs that image its shipped keypoints."""
+    costs that image its shipped keypoints. With `frame` (H, W), a joint that is not finite
+    or lies outside it (a typo such as 1e9) is marked missing and counted."""
     by_name: dict[str, list[list[float]]] = {}
-    malformed = 0
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=":")
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if not {"name", "keypoints_y", "keypoints_x"} <= set(columns):
-            raise SourceError(
-                f"{path}: expected a keypoint CSV with header 'name:keypoints_y:keypoints_x', "
-                f"found {columns}"
-            )
-        reader.fieldnames = columns
-        for row in reader:
-            try:
-                ys = json.loads(row["keypoints_y"])
-                xs = json.loads(row["keypoints_x"])
-                by_name[row["name"].strip()] = keypoints_from_xy(xs, ys)
-            except (TypeError, ValueError, AttributeError):
-                malformed += 1
-    return KeypointTable(by_name=by_name, malformed_rows=malformed)
+    malformed = outside = 0
+    first_outside = ""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), delimiter=":")
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if not {"name", "keypoints_y", "keypoints_x"} <= set(columns):
+        raise SourceError(
+            f"{path}: expected a keypoint CSV with header 'name:keypoints_y:keypoints_x', "
+            f"found {columns}"
+        )
+    reader.fieldnames = columns
+    for row in reader:
+        try:
+            ys = json.loads(row["keypoints_y"])
+            xs = json.loads(row["keypoints_x"])
+            points = keypoints_from_xy(xs, ys)
+        except (TypeError, ValueError, AttributeError):
+            malformed += 1
+            continue
+        if frame is not None:
+            marked = mark_outside_frame(points, frame)
+            if marked and not first_outside:
+                first_outside = f"line {reader.line_num}, {row['name'].strip()}"
+            outside += marked
+        by_name[row["name"].strip()] = points
+    return KeypointTable(by_name=by_name, malformed_rows=malformed, joints_outside_frame=outside, first_outside=first_outside)
+
+
+def mark_outside_frame(points: list[list[float]], frame: tuple[int, int] | list[int]) -> int:
+    """Mark joints that are not finite or lie outside the (H, W) frame missing ([0, 0, 0]);
+    how many were marked."""
+    height, width = frame
+    marked = 0
+    for point in points:
+        x, y, score = point
+        if score > 0 and not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= width and 0 <= y <= height):
+            point[:] = [0.0, 0.0, 0.0]
+            marked += 1
+    return marked
+
+
+def keypoint_table_warnings(name: str, table: KeypointTable, frame) -> list[str]:
+    """What the card says about one keypoint CSV's bad rows and joints."""
+    warnings = []
+    if table.malformed_rows:
+        warnings.append(f"{name}: {table.malformed_rows} malformed rows skipped")
+    if table.joints_outside_frame:
+        warnings.append(
+            f"{name}: {table.joints_outside_frame} joints not finite or outside the {frame[0]}x{frame[1]} frame "
+            f"stored as missing (first at {table.first_outside})"
+        )
+    return warnings
 
 
 def file_provenance(path: Path, **extra: Any) -> dict[str, Any]:

@@ -52,12 +52,15 @@ from posedata.sources.common import (
     file_provenance,
     find_first,
     key_from_name,
+    keypoint_table_warnings,
     keypoints_from_xy,
     list_files,
     load_manifest,
     read_keypoint_csv,
     read_name_list,
+    read_numbered_lines,
     read_pair_csv,
+    read_text,
     require_directory,
 )
 
@@ -141,8 +144,7 @@ def item_group(name: str) -> str | None:
 
 def read_pidm_pose(path: Path) -> list[list[float]]:
     """One PIDM pose file as [[x, y, score]] * 18 in the [256, 176] frame."""
-    with open(path, encoding="utf-8") as handle:
-        rows = [line.split() for line in handle if line.strip()]
+    rows = [line.split() for line in read_text(path).splitlines() if line.strip()]
     if len(rows) != KEYPOINT_COUNT or any(len(row) < 2 for row in rows):
         raise ValueError(f"expected {KEYPOINT_COUNT} lines 'x y', got {len(rows)} lines")
     xs = [float(row[0]) for row in rows]
@@ -381,11 +383,17 @@ class DeepFashionSource:
             path = self.root / filename
             if not path.is_file():
                 continue
-            lines = read_name_list(path)
+            lines = read_numbered_lines(path)
             split_pairs: list[tuple[str, str]] = []
             named: dict[str, str] = {}
-            for line in lines:
-                target, *sources = [part.strip() for part in line.split(",") if part.strip()]
+            for number, line in lines:
+                names = [part.strip() for part in line.split(",") if part.strip()]
+                if len(names) < 2:
+                    raise SourceError(
+                        f"{path}, line {number}: expected 'target,source1[,source2...]' (two or more "
+                        f"image paths separated by commas), found {line!r}"
+                    )
+                target, *sources = names
                 for entry in (target, *sources):
                     named.setdefault(entry_key(entry), entry)
                 split_pairs.extend((entry_key(source), entry_key(target)) for source in sources)
@@ -419,7 +427,7 @@ class DeepFashionSource:
             path = find_first(self.root, spellings)
             if path is None:
                 continue
-            table = read_keypoint_csv(path)
+            table = read_keypoint_csv(path, frame=KEYPOINT_FRAME)
             keyed = {entry_key(name): points for name, points in table.by_name.items()}
             for key, points in keyed.items():
                 by_key.setdefault(key, points)
@@ -427,12 +435,10 @@ class DeepFashionSource:
                 path,
                 rows=len(table.by_name) + table.malformed_rows,
                 malformed_rows=table.malformed_rows,
+                joints_outside_frame=table.joints_outside_frame,
                 rows_without_image=sum(1 for key in keyed if key not in found_keys),
             )
-            if table.malformed_rows:
-                info["warnings"].append(
-                    f"{path.name}: {table.malformed_rows} malformed rows skipped"
-                )
+            info["warnings"].extend(keypoint_table_warnings(path.name, table, KEYPOINT_FRAME))
             sources_read.append(path.name)
 
         pose_dir = self.root / PIDM_POSE_DIR

@@ -27,6 +27,7 @@ from posedata.sources.common import (
     absolute_root,
     file_provenance,
     key_from_name,
+    keypoint_table_warnings,
     list_files,
     read_keypoint_csv,
     read_pair_csv,
@@ -135,7 +136,7 @@ class Market1501Source:
             path = self.root / filename
             if not path.is_file():
                 continue
-            table = read_keypoint_csv(path)
+            table = read_keypoint_csv(path, frame=KEYPOINT_FRAME)
             for name, points in table.by_name.items():
                 annotations.setdefault(
                     key_from_name(name),
@@ -145,11 +146,9 @@ class Market1501Source:
                 path,
                 rows=len(table.by_name) + table.malformed_rows,
                 malformed_rows=table.malformed_rows,
+                joints_outside_frame=table.joints_outside_frame,
             )
-            if table.malformed_rows:
-                info["warnings"].append(
-                    f"{filename}: {table.malformed_rows} malformed rows skipped"
-                )
+            info["warnings"].extend(keypoint_table_warnings(filename, table, KEYPOINT_FRAME))
             sources_read.append(filename)
         info["keypoints"] = {"from": sources_read, "frame": KEYPOINT_FRAME}
         return annotations
