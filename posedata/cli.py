@@ -264,74 +264,205 @@ def show(url: str, out: str, count: int, split: str | None, storage_options: str
         raise click.ClickException(str(e)) from None
 
 
-# ---- training ---------------------------------------------------------------------------------
+# ---- training and sampling --------------------------------------------------------------------
 
 
-@main.command()
-@click.argument("plugin")
-@click.option("--shards", required=True, help="Dataset made by `posedata build` (path or fsspec URL).")
-@click.option("--out", required=True, help="Run directory: config, loss.csv/png, checkpoints.")
-@click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True, help="tiny: tiny random model; random: paper size, random init; pretrained: paper size from the official initialisation.")
-@click.option("--model", default=None, help="Hub id or local directory for --weights pretrained (default: the plugin's).")
-@click.option("--split", default="train", show_default=True)
-@click.option("--max-steps", type=int, default=1000, show_default=True)
-@click.option("--batch-size", type=int, default=None, help="Per-device batch size (default: the plugin's).")
-@click.option("--lr", "learning_rate", type=float, default=None, help="Learning rate (default: the plugin's).")
-@click.option("--warmup-steps", type=int, default=None, help="Warm-up steps (default: the plugin's).")
-@click.option("--grad-accum", "gradient_accumulation", type=int, default=1, show_default=True)
-@click.option("--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--resume", default=None, help="'latest' or a checkpoint directory: continue from there.")
-@click.option("--checkpoint-every", type=int, default=500, show_default=True)
-@click.option("--log-every", type=int, default=10, show_default=True)
-@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--overwrite", is_flag=True, help="Delete the run directory first and start over.")
-@click.option("--ema-decay", type=float, default=None, help="Keep an EMA of the weights with this decay (e.g. 0.9999), saved as checkpoint-<step>/ema/.")
-@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward (less memory, slower).")
-@click.option("--attention", type=click.Choice(["sdpa", "keep"]), default="sdpa", show_default=True, help="sdpa: torch scaled_dot_product_attention on every diffusers attention layer; keep: as the model built it.")
-@click.option("--skip-corrupt-shards", "skip_corrupt", is_flag=True, help="Skip shards that cannot be read (corrupt, truncated, missing, keys out of line) with a warning naming each, instead of stopping.")
-@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
-def train(plugin, shards, out, storage_options, resume, **kw) -> None:
-    """Train a plugin from precomputed features, e.g. `posedata train pcdm-prior --shards URL --out DIR`."""
-    from posedata.train import REGISTRY
-    from posedata.train.run import run_training
+class PluginCommands(click.Group):
+    """`posedata train PLUGIN` / `posedata sample PLUGIN`: one command per registered plugin
+    (posedata.train.REGISTRY), built when asked for, with the plugin's own options."""
 
-    if plugin not in REGISTRY:
-        raise click.BadParameter(f"unknown plugin {plugin!r}; known: {', '.join(sorted(REGISTRY))}", param_hint="PLUGIN")
-    try:
-        summary = run_training(plugin, shards, out, storage_options=parse_storage_options(storage_options), resume=resume or False, **kw)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
-        raise click.ClickException(str(e).strip("'\"")) from None
-    if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, once
-        click.echo(json.dumps(summary, indent=2, default=str))
+    def __init__(self, *args, make_command=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.make_command = make_command
+
+    def list_commands(self, ctx):
+        from posedata.train import REGISTRY
+
+        return sorted({*self.commands, *REGISTRY})
+
+    def get_command(self, ctx, name):
+        from posedata.train import REGISTRY, plugin_class
+
+        if name in self.commands:
+            return self.commands[name]
+        if name in REGISTRY:
+            return self.make_command(name, plugin_class(name))
+        return None
+
+    def resolve_command(self, ctx, args):
+        if args and not args[0].startswith("-") and args[0] not in self.list_commands(ctx):
+            raise click.UsageError(f"unknown plugin {args[0]!r}; known: {', '.join(self.list_commands(ctx))}", ctx)
+        return super().resolve_command(ctx, args)
 
 
-@main.group()
+def _plugin_summary(cls) -> str:
+    return (cls.__doc__ or cls.name).strip().splitlines()[0]
+
+
+def _plugin_options(options) -> list:
+    """click options for a plugin's declared `PluginOption`s."""
+    made = []
+    for o in options:
+        flag = "--" + o.name.replace("_", "-")
+        if o.type is bool:
+            made.append(click.Option([f"{flag}/--no-{flag[2:]}", o.name], default=o.default, help=o.help))
+        else:
+            kind = click.Choice(o.choices) if o.choices else o.type
+            made.append(click.Option([flag, o.name], type=kind, default=o.default, show_default=o.default is not None, help=o.help))
+    return made
+
+
+def _preset_default(cls, field: str) -> str:
+    values = {name: getattr(p.train, field) for name, p in cls.presets.items()}
+    if len(set(values.values())) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{v} ({k})" for k, v in values.items())
+
+
+def _train_command(name: str, cls) -> click.Command:
+    from posedata.train.config import ATTENTION_MODES, LR_SCHEDULES, MIXED_PRECISION
+
+    def preset(field: str, what: str) -> str:
+        return f"{what} [default: {_preset_default(cls, field)}]"
+
+    params = [
+        click.Option(["--shards"], required=True, help="Dataset made by `posedata build` (path or fsspec URL)."),
+        click.Option(["--out"], required=True, help="Run directory: config, loss.csv/png, checkpoints."),
+        click.Option(["--weights"], type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True, help="tiny: tiny random model (and the tiny preset); random: paper size, random init; pretrained: paper size from the official initialisation."),
+        click.Option(["--preset"], type=click.Choice(sorted(cls.presets)), default=None, help="Model size + training defaults (default: tiny for --weights tiny, else paper)."),
+        click.Option(["--model"], default=None, help="Hub id or local directory for --weights pretrained (default: the plugin's)."),
+        click.Option(["--split"], default="train", show_default=True),
+        click.Option(["--max-steps", "max_steps"], type=int, default=None, help=preset("max_steps", "Optimizer steps.")),
+        click.Option(["--batch-size", "batch_size"], type=int, default=None, help=preset("batch_size", "Per-process batch size.")),
+        click.Option(["--lr", "learning_rate"], type=float, default=None, help=preset("learning_rate", "Learning rate.")),
+        click.Option(["--warmup-steps", "warmup_steps"], type=int, default=None, help=preset("warmup_steps", "Warm-up steps.")),
+        click.Option(["--lr-schedule", "lr_schedule"], type=click.Choice(LR_SCHEDULES), default=None, help=preset("lr_schedule", "Learning-rate schedule.")),
+        click.Option(["--weight-decay", "weight_decay"], type=float, default=None, help=preset("weight_decay", "AdamW weight decay.")),
+        click.Option(["--max-grad-norm", "max_grad_norm"], type=float, default=None, help=preset("max_grad_norm", "Gradient clipping.")),
+        click.Option(["--grad-accum", "gradient_accumulation"], type=int, default=None, help=preset("gradient_accumulation", "Gradient accumulation steps.")),
+        click.Option(["--mixed-precision", "mixed_precision"], type=click.Choice(MIXED_PRECISION), default=None, help=preset("mixed_precision", "Mixed precision.")),
+        click.Option(["--seed"], type=int, default=None, help=preset("seed", "Seed of the data order, dropout and noise.")),
+        click.Option(["--resume"], is_flag=False, flag_value="latest", default=None, help="Continue from the newest checkpoint (`--resume` or `--resume latest`) or from a checkpoint directory."),
+        click.Option(["--checkpoint-every", "checkpoint_every"], type=int, default=None, help=preset("checkpoint_every", "Steps between checkpoints.")),
+        click.Option(["--log-every", "log_every"], type=int, default=None, help=preset("log_every", "Steps between log flushes.")),
+        click.Option(["--num-workers"], type=int, default=0, show_default=True, help="DataLoader worker processes."),
+        click.Option(["--overwrite"], is_flag=True, help="Delete the run directory first and start over."),
+        click.Option(["--ema-decay", "ema_decay"], type=float, default=None, help="Keep an EMA of the weights with this decay (e.g. 0.9999), saved as checkpoint-<step>/ema/."),
+        click.Option(["--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing"], default=None, help="Recompute activations in backward (less memory, slower)."),
+        click.Option(["--attention"], type=click.Choice(ATTENTION_MODES), default=None, help=preset("attention", "sdpa: torch scaled_dot_product_attention on every diffusers attention layer; keep: as the model built it.")),
+        click.Option(["--skip-corrupt-shards", "skip_corrupt"], is_flag=True, help="Skip shards that cannot be read (corrupt, truncated, missing, keys out of line) with a warning naming each, instead of stopping."),
+        click.Option(["--storage-options"], default=None, help=STORAGE_OPTIONS_HELP),
+        *_plugin_options(cls.train_options),
+    ]
+    extra = [o.name for o in cls.train_options]
+
+    def run(shards, out, storage_options, resume, **kw) -> None:
+        from posedata.train.run import run_training
+
+        options = {k: kw.pop(k) for k in extra}
+        changes = {k: v for k, v in kw.items() if v is not None}
+        try:
+            summary = run_training(name, shards, out, storage_options=parse_storage_options(storage_options), resume=resume or False,
+                                   options=options, **changes)
+        except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+            raise click.ClickException(str(e).strip("'\"")) from None
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, once
+            click.echo(json.dumps(summary, indent=2, default=str))
+
+    return click.Command(name, params=params, callback=run, short_help=_plugin_summary(cls),
+                         help=f"{_plugin_summary(cls)}\n\nReads: {', '.join(n if isinstance(n, str) else ' or '.join(n) for n in cls.needs)}.")
+
+
+def _sample_options() -> list:
+    from posedata.train.config import SCHEDULER_NAMES
+
+    return [
+        click.Option(["--shards"], required=True, help="Dataset made by `posedata build` (path or fsspec URL)."),
+        click.Option(["--out"], required=True, help="Folder for the outputs, samples.parquet and the contact sheet."),
+        click.Option(["--split"], default="test", show_default=True),
+        click.Option(["-n", "--limit", "--count", "limit"], type=int, default=8, show_default=True, help="Pairs to sample (the first of the split's pair table)."),
+        click.Option(["--batch-size"], type=int, default=4, show_default=True),
+        click.Option(["--steps", "num_inference_steps"], type=int, default=None, help="Denoising steps (default: the recipe's)."),
+        click.Option(["--guidance", "guidance_scale"], type=float, default=None, help="Classifier-free guidance scale; <= 1: none (default: the recipe's)."),
+        click.Option(["--guidance-rescale", "guidance_rescale"], type=float, default=None, help="Guidance rescale (default: the recipe's)."),
+        click.Option(["--scheduler"], type=click.Choice(SCHEDULER_NAMES), default=None, help="Sampler (default: the recipe's)."),
+        click.Option(["--seed"], type=int, default=42, show_default=True, help="Same seed, same pixels."),
+        click.Option(["--storage-options"], default=None, help=STORAGE_OPTIONS_HELP),
+    ]
+
+
+def _sample_command(name: str, cls) -> click.Command:
+    recipes = ", ".join(f"{k}: {v.scheduler} {v.num_inference_steps} steps, guidance {v.guidance_scale}" for k, v in cls.sample_recipes.items())
+    params = [
+        *_sample_options(),
+        click.Option(["--run"], required=True, help=f"{name} run directory (its newest checkpoint) or a checkpoint."),
+        click.Option(["--recipe"], type=click.Choice(list(cls.sample_recipes)), default=None, help=f"Sampling settings ({recipes}); the first is the default."),
+        *_plugin_options(cls.sample_options),
+    ]
+    extra = [o.name for o in cls.sample_options]
+
+    def run(shards, out, run, storage_options, **kw) -> None:
+        from posedata.train.sample import sample_plugin
+
+        options = {k: kw.pop(k) for k in extra}
+        try:
+            summary = sample_plugin(name, shards, run, out, storage_options=parse_storage_options(storage_options), echo=click.echo,
+                                    options=options, **kw)
+        except (FileNotFoundError, KeyError, ValueError) as e:
+            raise click.ClickException(str(e).strip("'\"")) from None
+        click.echo(json.dumps(summary, indent=2))
+
+    return click.Command(name, params=params, callback=run, short_help=_plugin_summary(cls),
+                         help=f"Sample a trained {name} run on a split's pairs: one output per pair, samples.parquet, sheet.png.")
+
+
+@main.group(cls=PluginCommands, make_command=_train_command)
+def train() -> None:
+    """Train a plugin from precomputed features: `posedata train PLUGIN --shards URL --out DIR`.
+    `posedata train PLUGIN --help` shows its options and defaults."""
+
+
+@main.group(cls=PluginCommands, make_command=_sample_command)
 def sample() -> None:
-    """Sample trained models on a split's pairs: `posedata sample pcdm ...`."""
+    """Sample trained runs on a split's pairs: `posedata sample PLUGIN --run RUN ...`, or the
+    PCDMs chain `posedata sample pcdm --prior RUN --inpaint RUN --refine RUN`. Every command
+    writes OUT/samples.parquet (source_key, target_key, file) and OUT/sheet.png."""
 
 
-@sample.command("pcdm")
-@click.option("--shards", required=True, help="Dataset made by `posedata build` (path or fsspec URL).")
-@click.option("--out", required=True, help="Folder for the PNGs and the contact sheet.")
+def _parse_stage_settings(values: tuple[str, ...]) -> dict[str, dict]:
+    """`--set refine.guidance_rescale=0` -> {"refine": {"guidance_rescale": 0.0}}."""
+    from posedata.train.config import SampleSettings
+
+    kinds = {"num_inference_steps": int, "guidance_scale": float, "guidance_rescale": float, "scheduler": str, "uncond": str}
+    assert set(kinds) == set(SampleSettings.__dataclass_fields__)
+    out: dict[str, dict] = {}
+    for key, value in parse_assignments(values, "STAGE.SETTING=VALUE").items():
+        stage, _, setting = key.partition(".")
+        if setting not in kinds:
+            raise click.BadParameter(f"--set {key}: the settings are {', '.join(kinds)}")
+        try:
+            out.setdefault(stage, {})[setting] = kinds[setting](value)
+        except ValueError:
+            raise click.BadParameter(f"--set {key}={value}: not a {kinds[setting].__name__}") from None
+    return out
+
+
+@sample.command("pcdm", params=_sample_options())
 @click.option("--prior", default=None, help="pcdm-prior run directory (or checkpoint).")
 @click.option("--inpaint", default=None, help="pcdm-inpaint run directory (or checkpoint).")
 @click.option("--refine", default=None, help="pcdm-refine run directory (or checkpoint).")
-@click.option("--split", default="test", show_default=True)
-@click.option("-n", "--count", default=8, show_default=True, help="Pairs to sample (the first of the split's pair table).")
-@click.option("--batch-size", default=4, show_default=True)
-@click.option("--steps", default=50, show_default=True, help="Denoising steps per stage.")
-@click.option("--guidance", "guidance_scale", default=2.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--scheduler", type=click.Choice(["ddim", "unipc"]), default="ddim", show_default=True, help="Inpaint / refine sampler (the official test scripts use unipc with 20 steps).")
-@click.option("--seed", default=42, show_default=True)
-@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
-def sample_pcdm(shards, out, storage_options, **kw) -> None:
-    """The PCDMs chain: prior -> inpaint -> refine; any stage can run alone. Writes one PNG per
-    pair and stage, and a contact sheet (source | target pose | coarse | refined | truth)."""
+@click.option("--recipe", type=click.Choice(["official", "paper"]), default="official", show_default=True, help="official: each stage as the official test scripts (prior UnCLIP 20 steps, no guidance; inpaint UniPC 20, w 2, zero unconditional embeddings; refine the same + guidance rescale 2); paper: DDIM 50 steps, w = 2 for every stage.")
+@click.option("--set", "stage_settings", multiple=True, help="STAGE.SETTING=VALUE: one stage's setting, e.g. refine.guidance_rescale=0 or prior.scheduler=ddim (settings: num_inference_steps, guidance_scale, guidance_rescale, scheduler, uncond).")
+def sample_pcdm(shards, out, storage_options, stage_settings, **kw) -> None:
+    """The PCDMs chain: prior -> inpaint -> refine; any stage can run alone. Writes one output
+    per pair and stage, samples.parquet (file = the last stage's) and a contact sheet
+    (source | target pose | coarse | refined | truth). --steps/--guidance/--scheduler apply
+    to every stage; --set to one."""
     from posedata.train.sample import sample_pcdm as run_sample
 
     try:
-        summary = run_sample(shards, out, storage_options=parse_storage_options(storage_options), echo=click.echo, **kw)
+        summary = run_sample(shards, out, storage_options=parse_storage_options(storage_options), echo=click.echo,
+                             stage_settings=_parse_stage_settings(stage_settings), **kw)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(json.dumps(summary, indent=2))

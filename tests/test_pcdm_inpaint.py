@@ -19,7 +19,7 @@ from posedata.extractors.vae import TINY_CONFIG as TINY_VAE
 from posedata.reader import Dataset, PairStream
 from posedata.render import draw_openpose
 from posedata.train import plugin_class
-from posedata.train.pcdm_common import SD21_UNET_CONFIG, TINY_UNET_CONFIG
+from posedata.train.unet import BASE_MODELS, SD21_UNET_CONFIG
 from posedata.train.pcdm_inpaint import PcdmInpaintModel, PcdmInpaintPlugin
 from posedata.train.run import load_null_embeddings, run_training
 
@@ -79,8 +79,9 @@ def test_registry_declarations_and_nulls(data):
     assert plugin_class("pcdm-inpaint") is PcdmInpaintPlugin
     assert PcdmInpaintPlugin.needs == ("vae:sd21", "dinov2:giant", "clip", ("openpose", "keypoints_annotated"))
     assert PcdmInpaintPlugin.needs_pixels is False
-    d = PcdmInpaintPlugin.defaults
-    assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.batch_size, d.max_grad_norm, d.noise_offset) == (1e-4, 0.01, 5000, 8, 1.0, 0.1)
+    d = PcdmInpaintPlugin.presets["paper"].train
+    assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.batch_size, d.max_grad_norm) == (1e-4, 0.01, 5000, 8, 1.0)
+    assert PcdmInpaintPlugin.noise_offset == 0.1 and PcdmInpaintPlugin.base_model == "sd21"
     assert {k: v.shape for k, v in nulls.items()} == {
         "vae:sd21.black_mean": (4, h, w), "vae:sd21.black_std": (4, h, w), "dinov2:giant.tokens": (257, D), "clip.embeds": (D,)}
     assert len(pairs) == 20 and {"vae.mean", "vae.std", "dinov2.tokens", "clip.embeds", "openpose.keypoints"} <= set(pairs[0]["source"])
@@ -157,7 +158,7 @@ def test_model_context_pose_and_save_load(data, tmp_path):
         out = model(x, t, *args, batch["pose"]).sample
         other_pose = model(x, t, *args, torch.flip(batch["pose"], dims=[-1])).sample
     assert out.shape == (2, 4, h, 2 * w) and not torch.allclose(out, other_pose)
-    assert model.unet.conv_in._pcdm_residual is None  # the pose residual never outlives a call
+    assert model.unet.conv_in._residual is None  # the pose residual never outlives a call
 
     model.save_pretrained(tmp_path / "saved")
     again = PcdmInpaintModel.from_pretrained(tmp_path / "saved").eval()
@@ -183,7 +184,7 @@ def test_loss_is_finite_repeatable_and_trains_every_part(data):
 
 def tiny_sd_unet(cross_attention_dim: int = D) -> UNet2DConditionModel:
     torch.manual_seed(3)
-    return UNet2DConditionModel(**{**TINY_UNET_CONFIG, "cross_attention_dim": cross_attention_dim})
+    return UNet2DConditionModel(**{**BASE_MODELS["sd21"].tiny_unet_config, "cross_attention_dim": cross_attention_dim})
 
 
 def test_pretrained_path_widens_conv_in(data, tmp_path):
@@ -277,7 +278,7 @@ def test_sample_shapes_and_options(data):
     out = run()
     assert out.shape == (3, 4, h, w) and torch.isfinite(out).all() and torch.equal(out, run())
     assert not torch.equal(out, run(guidance_scale=1.0))
-    assert not torch.equal(out, run(uncond="zeros"))
+    assert not torch.equal(out, run(uncond="null"))  # the official recipe's zero embeddings vs the stored nulls
     assert run(guidance_rescale=0.7).shape == (3, 4, h, w)
     embeds = torch.randn(3, D)
     for p in some:

@@ -52,8 +52,10 @@ def test_registry_and_declarations():
     cls = plugin_class("pcdm-prior")
     assert cls is PcdmPriorPlugin
     assert cls.needs == ("clip", ("openpose", "keypoints_annotated")) and cls.needs_pixels is False
-    d = cls.defaults
-    assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.noise_offset, d.max_grad_norm) == (1e-5, 0.01, 2000, 0.1, 10.0)
+    d = cls.presets["paper"].train
+    assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.max_grad_norm, d.batch_size) == (1e-5, 0.01, 2000, 10.0, 128)
+    assert cls.objective.noise_offset == 0.1 and cls.objective.prediction_type == "sample"
+    assert cls.sample_recipes["official"].scheduler == "unclip" and cls.sample_recipes["official"].guidance_scale <= 1
 
 
 def test_tiny_forward_shapes(plugin):

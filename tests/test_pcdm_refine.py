@@ -17,7 +17,7 @@ from posedata.cli import main as cli_main
 from posedata.extractors.vae import TINY_CONFIG as TINY_VAE
 from posedata.reader import Dataset, PairStream
 from posedata.train import plugin_class
-from posedata.train.pcdm_common import SD21_UNET_CONFIG, TINY_UNET_CONFIG
+from posedata.train.unet import BASE_MODELS, SD21_UNET_CONFIG
 from posedata.train.pcdm_refine import PcdmRefineModel, PcdmRefinePlugin
 from posedata.train.run import load_null_embeddings, run_training
 
@@ -58,8 +58,9 @@ def test_registry_and_declarations(data):
     ds, pairs = data
     assert plugin_class("pcdm-refine") is PcdmRefinePlugin
     assert PcdmRefinePlugin.needs == ("vae:sd21", "dinov2:giant") and PcdmRefinePlugin.needs_pixels is False
-    d = PcdmRefinePlugin.defaults
-    assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.batch_size, d.max_grad_norm, d.noise_offset) == (1e-5, 0.01, 5000, 16, 1.0, 0.1)
+    d = PcdmRefinePlugin.presets["paper"].train
+    assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.batch_size, d.max_grad_norm) == (1e-5, 0.01, 5000, 16, 1.0)
+    assert PcdmRefinePlugin.noise_offset == 0.1
     plugin = make_plugin(data)
     assert plugin.null_embeddings() == () and load_null_embeddings(ds, plugin) == {}
     assert set(pairs[0]["source"]) >= {"vae.mean", "vae.std", "dinov2.tokens"} and "clip.embeds" not in pairs[0]["source"]
@@ -125,7 +126,7 @@ def test_model_loss_and_save_load(data, tmp_path):
 def test_pretrained_path_widens_conv_in(data, tmp_path):
     ds, _ = data
     torch.manual_seed(3)
-    sd = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    sd = UNet2DConditionModel(**BASE_MODELS["sd21"].tiny_unet_config)
     sd.save_pretrained(tmp_path / "sd" / "unet")
     model = PcdmRefinePlugin(ds.card, weights="pretrained", model=str(tmp_path / "sd")).build_model()
     conv = model.unet.conv_in
@@ -186,7 +187,7 @@ def test_sample_from_coarse_latents(data):
 
     out = run(coarse=coarse)
     assert out.shape == (3, 4, h, w) and torch.isfinite(out).all() and torch.equal(out, run(coarse=coarse))
-    assert not torch.equal(out, run(coarse=coarse, uncond="zeros"))
+    assert not torch.equal(out, run(coarse=coarse, uncond="null"))  # official: zero context too; null: context kept
     assert not torch.equal(out, run(coarse=coarse, guidance_scale=1.0))
     assert run(coarse=coarse, guidance_rescale=2.0).shape == (3, 4, h, w)  # the official test's setting
     from_pairs = run([{**p, "coarse": p["target"]} for p in some])

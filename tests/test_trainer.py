@@ -251,11 +251,11 @@ def test_gradient_checkpointing_and_sdpa(tmp_path):
         AttnProcessor2_0,
     )
 
-    from posedata.train.pcdm_common import TINY_UNET_CONFIG
+    from posedata.train.unet import BASE_MODELS
     from posedata.train.trainer import configure_model
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(TINY_UNET_CONFIG)
+    unet = UNet2DConditionModel.from_config(BASE_MODELS["sd21"].tiny_unet_config)
     attn = [m for m in unet.modules() if isinstance(m, Attention)]
     attn[0].set_processor(AttnProcessor())  # plain attention: switched to SDPA
 

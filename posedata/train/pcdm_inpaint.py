@@ -43,8 +43,9 @@ Departures forced by precomputed features (posedata):
   follows the official preprocessing from there on).
 - Skeletons are drawn from keypoints at the stored resolution with
   `posedata.render.draw_openpose` (no JPEG round trip, no resize of a render).
-- Sampling's unconditional branch uses the stored null embeddings (what training dropped
-  to); `uncond="zeros"` reproduces the official all-zeros branch. We return one sample per
+- Sampling's unconditional branch: `uncond="zeros"` (the official and default recipe) zeroes
+  the post-MLP context and the class label; `uncond="null"` feeds the stored null
+  embeddings through the MLP instead (what training dropped to). We return one sample per
   pair (no best-of-4 by SSIM against the ground truth).
 """
 
@@ -54,38 +55,29 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 
 from posedata.render import draw_openpose
-from posedata.train.pcdm_common import (
-    UNCOND_MODES,
-    PcdmPlugin,
-    PcdmUNetModel,
+from posedata.train.config import SampleSettings, TrainConfig
+from posedata.train.diffusion import decode_to_unit, denoise, drop_conditions, sample_latent
+from posedata.train.pcdm_common import UNCOND_MODES, PcdmPlugin, PcdmUNetModel, pcdm_presets
+from posedata.train.plugin import output_shape, stack
+from posedata.train.unet import (
+    PAPER_POSE_CHANNELS,
+    TINY_POSE_CHANNELS,
     add_class_projection,
-    as_tensor,
-    decode,
-    denoise,
+    attach_conv_in_residual,
+    conv_in_residual,
     model_dtype,
-    output_shape,
-    sample_latent,
+    pose_embedding,
     widen_conv_in,
 )
-from posedata.train.plugin import TrainDefaults
 
-PAPER_POSE_CHANNELS = (16, 32, 96, 256)
-TINY_POSE_CHANNELS = (8, 8, 16, 16)
 IN_CHANNELS = 9  # noisy latents 4 + mask 1 + masked-image latents 4
 
 TOKENS, EMBEDS, POSE = "dinov2.tokens", "clip.embeds", "openpose.keypoints"
 MEAN, STD = "vae.mean", "vae.std"
-
-
-def _add_conv_in_residual(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
-    residual = getattr(module, "_pcdm_residual", None)
-    return output if residual is None else output + residual
 
 
 class PcdmInpaintModel(PcdmUNetModel):
@@ -103,11 +95,8 @@ class PcdmInpaintModel(PcdmUNetModel):
     ):
         super().__init__()
         self._build(unet_config, unet, image_embed_dim, proj_hidden_dim)
-        self.pose_proj = ControlNetConditioningEmbedding(
-            self.unet.config.block_out_channels[0], conditioning_channels=pose_channels, block_out_channels=tuple(pose_block_out_channels)
-        )
-        self.unet.conv_in._pcdm_residual = None
-        self.unet.conv_in.register_forward_hook(_add_conv_in_residual)
+        self.pose_proj = pose_embedding(self.unet.config, pose_block_out_channels, pose_channels)
+        attach_conv_in_residual(self.unet)
 
     def context(self, source_tokens: torch.Tensor, target_embeds: torch.Tensor) -> torch.Tensor:
         """[B, N, D_dino] + [B, D_clip] -> cross-attention context [B, N + 1, D_clip]."""
@@ -115,12 +104,8 @@ class PcdmInpaintModel(PcdmUNetModel):
 
     def denoise(self, sample: torch.Tensor, timestep: Any, context: torch.Tensor, class_labels: torch.Tensor, pose_cond: torch.Tensor):
         """The UNet with `pose_cond` (pose_proj output) added after conv_in."""
-        conv_in = self.unet.conv_in
-        conv_in._pcdm_residual = pose_cond
-        try:
+        with conv_in_residual(self.unet, pose_cond):
             return self.unet(sample, timestep, encoder_hidden_states=context, class_labels=class_labels)
-        finally:
-            conv_in._pcdm_residual = None
 
     def forward(self, sample: torch.Tensor, timestep: Any, source_tokens: torch.Tensor, target_embeds: torch.Tensor, pose: torch.Tensor):
         """sample [B, 9, h, 2w] = [noisy | mask | masked latents]; source_tokens [B, N, D_dino];
@@ -130,10 +115,17 @@ class PcdmInpaintModel(PcdmUNetModel):
 
 
 class PcdmInpaintPlugin(PcdmPlugin):
+    """PCDMs stage 2: paints the target beside the source on a [source | target] canvas."""
+
     name = "pcdm-inpaint"
     needs = ("vae:sd21", "dinov2:giant", "clip", ("openpose", "keypoints_annotated"))
     needs_pixels = False
-    defaults = TrainDefaults(learning_rate=1e-4, weight_decay=0.01, warmup_steps=5000, batch_size=8, max_grad_norm=1.0, noise_offset=0.1)
+    presets = pcdm_presets(TrainConfig(learning_rate=1e-4, weight_decay=0.01, warmup_steps=5000, batch_size=8, max_grad_norm=1.0),
+                           tiny_model={"pose_block_out_channels": TINY_POSE_CHANNELS})
+    sample_recipes = {
+        "official": SampleSettings(num_inference_steps=20, guidance_scale=2.0, scheduler="unipc", uncond="zeros"),
+        "paper": SampleSettings(num_inference_steps=50, guidance_scale=2.0, scheduler="ddim", uncond="zeros"),
+    }
     drop_prob = 0.1  # source DINOv2 tokens and target CLIP embedding, each independently
     model_cls = PcdmInpaintModel
 
@@ -141,8 +133,9 @@ class PcdmInpaintPlugin(PcdmPlugin):
     BLACK_MEAN, BLACK_STD = "vae:sd21.black_mean", "vae:sd21.black_std"
     NULL_TOKENS, NULL_EMBEDS = "dinov2:giant.tokens", "clip.embeds"
 
-    def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None):
-        super().__init__(card, weights, model)
+    def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None, preset: str | None = None,
+                 **options: Any):
+        super().__init__(card, weights, model, preset, **options)
         self.embed_dim = output_shape(card, "clip", "embeds.npy", self.name)[0]
 
     def null_embeddings(self) -> tuple[str, ...]:
@@ -161,10 +154,6 @@ class PcdmInpaintPlugin(PcdmPlugin):
         widen_conv_in(unet, IN_CHANNELS, self.conv_in_init)
         add_class_projection(unet, self.embed_dim)
 
-    def model_kwargs(self) -> dict[str, Any]:
-        channels = TINY_POSE_CHANNELS if self.weights == "tiny" else PAPER_POSE_CHANNELS
-        return {**super().model_kwargs(), "pose_block_out_channels": channels}
-
     def check_model(self, model: PcdmInpaintModel) -> PcdmInpaintModel:
         unet = model.unet.config
         if unet.in_channels != IN_CHANNELS or unet.projection_class_embeddings_input_dim != self.embed_dim:
@@ -172,11 +161,6 @@ class PcdmInpaintPlugin(PcdmPlugin):
         return super().check_model(model)
 
     # ---- data ---------------------------------------------------------------------------
-
-    def _null(self, name: str) -> torch.Tensor:
-        if name not in self.nulls:
-            raise ValueError(f"{self.name} needs the stored null output {name!r}; call set_null_embeddings first")
-        return as_tensor(self.nulls[name])
 
     def pose_image(self, source: dict[str, Any], target: dict[str, Any]) -> torch.Tensor:
         """[source skeleton | target skeleton] rendered at the stored resolution -> float32
@@ -190,8 +174,9 @@ class PcdmInpaintPlugin(PcdmPlugin):
         mask[..., :w] = 1.0  # 1 = the known source half
         return mask
 
-    def _stack(self, samples: list[dict[str, Any]], key: str) -> torch.Tensor:
-        return torch.stack([as_tensor(s[key]) for s in samples])
+    def black(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored posterior of an all-black image, for the masked target half."""
+        return self.null(self.BLACK_MEAN).expand(batch, *self.latent_shape), self.null(self.BLACK_STD).expand(batch, *self.latent_shape)
 
     def collate(self, pairs: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """-> latent_mean/std [B, 4, h, 2w] ([source | target] posteriors), masked_mean/std
@@ -201,25 +186,20 @@ class PcdmInpaintPlugin(PcdmPlugin):
         src = [p["source"] for p in pairs]
         tgt = [p["target"] for p in pairs]
         bsz = len(pairs)
-        black_mean = self._null(self.BLACK_MEAN).expand(bsz, *self.latent_shape)
-        black_std = self._null(self.BLACK_STD).expand(bsz, *self.latent_shape)
-        source_mean, source_std = self._stack(src, MEAN), self._stack(src, STD)
+        black_mean, black_std = self.black(bsz)
+        source_mean, source_std = stack(src, MEAN), stack(src, STD)
         batch = {
-            "latent_mean": torch.cat([source_mean, self._stack(tgt, MEAN)], dim=-1),
-            "latent_std": torch.cat([source_std, self._stack(tgt, STD)], dim=-1),
+            "latent_mean": torch.cat([source_mean, stack(tgt, MEAN)], dim=-1),
+            "latent_std": torch.cat([source_std, stack(tgt, STD)], dim=-1),
             "masked_mean": torch.cat([source_mean, black_mean], dim=-1),
             "masked_std": torch.cat([source_std, black_std], dim=-1),
             "mask": self.mask(bsz),
             "pose": torch.stack([self.pose_image(s, t) for s, t in zip(src, tgt)]),
-            "source_tokens": self._stack(src, TOKENS),
-            "target_embeds": self._stack(tgt, EMBEDS),
+            "source_tokens": stack(src, TOKENS),
+            "target_embeds": stack(tgt, EMBEDS),
         }
-        if self.drop_prob > 0:
-            drop = torch.rand((bsz, 2), generator=generator) < self.drop_prob
-            if drop[:, 0].any():
-                batch["source_tokens"][drop[:, 0]] = self._null(self.NULL_TOKENS)
-            if drop[:, 1].any():
-                batch["target_embeds"][drop[:, 1]] = self._null(self.NULL_EMBEDS).reshape(-1)
+        drop_conditions(batch, {"source_tokens": self.null(self.NULL_TOKENS), "target_embeds": self.null(self.NULL_EMBEDS)},
+                        self.drop_prob, generator)
         return batch
 
     # ---- training -----------------------------------------------------------------------
@@ -227,11 +207,11 @@ class PcdmInpaintPlugin(PcdmPlugin):
     def loss(self, model: PcdmInpaintModel, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         latents = sample_latent(batch["latent_mean"], batch["latent_std"], self.scaling_factor, generator)
         masked = sample_latent(batch["masked_mean"], batch["masked_std"], self.scaling_factor, generator)
-        noisy, t, target = self.noisy(latents, generator)
+        step = self.objective.noisy(latents, generator, self.noise_scheduler)
         dtype = model_dtype(model)
-        x = torch.cat([noisy, batch["mask"].to(noisy.dtype), masked], dim=1).to(dtype)
-        pred = model(x, t, batch["source_tokens"].to(dtype), batch["target_embeds"].to(dtype), batch["pose"].to(dtype)).sample
-        return F.mse_loss(pred.float(), target.float())
+        x = torch.cat([step.noisy, batch["mask"].to(step.noisy.dtype), masked], dim=1).to(dtype)
+        pred = model(x, step.timesteps, batch["source_tokens"].to(dtype), batch["target_embeds"].to(dtype), batch["pose"].to(dtype)).sample
+        return self.objective.loss(pred, step)
 
     # ---- sampling -----------------------------------------------------------------------
 
@@ -243,42 +223,41 @@ class PcdmInpaintPlugin(PcdmPlugin):
         *,
         generator: torch.Generator | None = None,
         target_embeds: torch.Tensor | None = None,
-        guidance_scale: float = 2.0,
-        guidance_rescale: float = 0.0,
-        num_inference_steps: int = 20,
-        scheduler: str = "unipc",
-        uncond: str = "null",
         vae: Any = None,
+        **settings: Any,
     ) -> torch.Tensor:
         """Paint the target of each pair. Pairs need the source's `vae.mean/std`,
         `dinov2.tokens` and keypoints and the target's keypoints; `target_embeds` [B, D]
-        (e.g. pcdm-prior's sample) or else the target's stored `clip.embeds`.
+        (e.g. pcdm-prior's sample) or else the target's stored `clip.embeds`. `settings`:
+        SampleSettings fields (default: the official recipe).
 
         Returns the target half's latents [B, 4, h, w] in the stored latents' space (unscaled:
         `vae.decode(out)` decodes them), or, with `vae`, the decoded target half [B, 3, H, W]
         in [0, 1] (the whole canvas is decoded and cropped, as the official test does)."""
-        if uncond not in UNCOND_MODES:
-            raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {uncond!r}")
+        s, rest = self.split_settings(settings)
+        if rest:
+            raise TypeError(f"{self.name}.sample got unexpected arguments {sorted(rest)}")
+        if s.uncond not in UNCOND_MODES:
+            raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {s.uncond!r}")
         device, dtype = model.device, model.dtype
         src = [p["source"] for p in pairs]
         tgt = [p["target"] for p in pairs]
         bsz = len(pairs)
-        embeds = (target_embeds.float() if target_embeds is not None else self._stack(tgt, EMBEDS)).to(device, dtype)
-        tokens = self._stack(src, TOKENS).to(device, dtype)
-        black = self._null(self.BLACK_MEAN).expand(bsz, *self.latent_shape), self._null(self.BLACK_STD).expand(bsz, *self.latent_shape)
-        masked_mean = torch.cat([self._stack(src, MEAN), black[0]], dim=-1)
-        masked_std = torch.cat([self._stack(src, STD), black[1]], dim=-1)
+        embeds = (target_embeds.float() if target_embeds is not None else stack(tgt, EMBEDS)).to(device, dtype)
+        tokens = stack(src, TOKENS).to(device, dtype)
+        black_mean, black_std = self.black(bsz)
+        masked_mean = torch.cat([stack(src, MEAN), black_mean], dim=-1)
+        masked_std = torch.cat([stack(src, STD), black_std], dim=-1)
         masked = sample_latent(masked_mean.to(device), masked_std.to(device), self.scaling_factor, generator).to(dtype)
         mask = self.mask(bsz).to(device, dtype)
-        pose_cond = model.pose_proj(torch.stack([self.pose_image(s, t) for s, t in zip(src, tgt)]).to(device, dtype))
+        pose_cond = model.pose_proj(torch.stack([self.pose_image(s_, t_) for s_, t_ in zip(src, tgt)]).to(device, dtype))
         context, labels = model.context(tokens, embeds), embeds
-        guided = guidance_scale > 1.0
-        if guided:
-            if uncond == "zeros":
+        if s.guidance_scale > 1.0:
+            if s.uncond == "zeros":
                 null_context, null_labels = torch.zeros_like(context), torch.zeros_like(labels)
             else:
-                null_embeds = self._null(self.NULL_EMBEDS).reshape(1, -1).expand(bsz, -1).to(device, dtype)
-                null_tokens = self._null(self.NULL_TOKENS).expand(bsz, *tokens.shape[1:]).to(device, dtype)
+                null_embeds = self.null(self.NULL_EMBEDS).reshape(1, -1).expand(bsz, -1).to(device, dtype)
+                null_tokens = self.null(self.NULL_TOKENS).expand(bsz, *tokens.shape[1:]).to(device, dtype)
                 null_context, null_labels = model.context(null_tokens, null_embeds), null_embeds
             context, labels = torch.cat([null_context, context]), torch.cat([null_labels, labels])
             mask, masked, pose_cond = (torch.cat([x, x]) for x in (mask, masked, pose_cond))
@@ -287,8 +266,8 @@ class PcdmInpaintPlugin(PcdmPlugin):
             return model.denoise(torch.cat([x, mask, masked], dim=1), t, context, labels, pose_cond).sample
 
         _, h, w = self.latent_shape
-        latents = denoise(predict, (bsz, 4, h, 2 * w), device=device, dtype=dtype, guidance_scale=guidance_scale,
-                          guidance_rescale=guidance_rescale, num_inference_steps=num_inference_steps, scheduler=scheduler, generator=generator)
+        latents = denoise(predict, (bsz, 4, h, 2 * w), scheduler=self.objective.sampler(s.scheduler), num_inference_steps=s.num_inference_steps,
+                          device=device, dtype=dtype, guidance_scale=s.guidance_scale, guidance_rescale=s.guidance_rescale, generator=generator)
         if vae is not None:
-            return decode(vae, latents)[..., self.width:]
+            return decode_to_unit(vae, latents)[..., self.width:]
         return latents[..., w:].float() / self.scaling_factor

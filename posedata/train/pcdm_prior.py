@@ -40,10 +40,12 @@ Facts taken from the official code (tencent-ailab/PCDMs; files named where used)
 - Sampling (src/pipelines/stage1_prior_pipeline.py, stage1_batchtest_prior_model.py): the
   Kandinsky prior's UnCLIPScheduler, 20 steps, guidance_scale 0 in the batch test (guidance
   is on only when > 1; with > 1 the official pipeline does not even run, its pose inputs
-  are not doubled for the unconditional half). So the default here is no guidance
-  (guidance_scale=1). With guidance_scale > 1 the unconditional branch drops the source
-  image the way training does (stored null embedding; the official pipeline used zeros in
-  embedding space, which training never saw) and keeps both poses.
+  are not doubled for the unconditional half). So the official recipe has no guidance.
+  With guidance_scale > 1 the unconditional branch drops the source image the way training
+  does (stored null embedding; the official pipeline used zeros in embedding space, which
+  training never saw) and keeps both poses (`uncond="image"`), or drops the poses too
+  (`uncond="all"`, zeros as in training: the paper's eq. 4, used by the `paper` recipe:
+  DDIM 50 steps, w = 2, as the paper's appendix B states for PCDMs).
 """
 
 from __future__ import annotations
@@ -54,8 +56,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, UnCLIPScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -63,7 +63,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
-from posedata.train.plugin import Plugin, TrainDefaults
+from posedata.train.config import Preset, SampleSettings, TrainConfig
+from posedata.train.diffusion import Objective, denoise, drop_conditions
+from posedata.train.plugin import Plugin, output_shape
 
 KANDINSKY_PRIOR = "kandinsky-community/kandinsky-2-2-prior"
 NUM_JOINTS = 18
@@ -75,6 +77,17 @@ POSE_NAME = "openpose.keypoints"
 
 PAPER = dict(num_attention_heads=32, attention_head_dim=64, num_layers=20, pose_hidden_dim=512)
 TINY = dict(num_attention_heads=2, attention_head_dim=32, num_layers=2, pose_hidden_dim=32)
+UNCOND_MODES = ("image", "all")  # drop the source image only / the image and both poses
+
+# The official stage-1 objective: DDPMScheduler(squaredcos_cap_v2, prediction_type="sample"),
+# noise offset 0.1. Sampling with the Kandinsky 2.2 prior's UnCLIPScheduler (its scheduler/
+# config: fixed_small_log variance, x0 clipped to +-10); DDIM reads the same clip range.
+PRIOR_OBJECTIVE = Objective(
+    {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample", "clip_sample": True,
+     "clip_sample_range": 10.0},
+    noise_offset=0.1,
+    sampler_configs={"unclip": {"variance_type": "fixed_small_log"}},
+)
 
 
 # ---- model ------------------------------------------------------------------------------
@@ -228,11 +241,6 @@ def load_prior(model: str, embedding_dim: int) -> PcdmPriorTransformer:
 # ---- sampling ---------------------------------------------------------------------------
 
 
-def sampling_scheduler() -> UnCLIPScheduler:
-    """The Kandinsky 2.2 prior's scheduler (its scheduler/ config, as in diffusers' tests)."""
-    return UnCLIPScheduler(variance_type="fixed_small_log", prediction_type="sample", num_train_timesteps=1000, clip_sample=True, clip_sample_range=10.0)
-
-
 @torch.no_grad()
 def sample_prior(
     model: PcdmPriorTransformer,
@@ -241,36 +249,32 @@ def sample_prior(
     target_pose: torch.Tensor,
     *,
     null_embeds: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float = 0.0,
     num_inference_steps: int = 20,
+    scheduler: str = "unclip",
+    uncond: str = "image",
     generator: torch.Generator | None = None,
-    scheduler: UnCLIPScheduler | None = None,
 ) -> torch.Tensor:
     """Run the prior: [B, D] source CLIP embeddings + [B, 36] normalised poses -> the
     predicted target CLIP embedding [B, D], denormalised (same space as `clip.embeds`).
     guidance_scale > 1 needs `null_embeds` ([D] or [B, D]) for the unconditional branch."""
+    if uncond not in UNCOND_MODES:
+        raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {uncond!r}")
     device, dtype = model.device, model.dtype
-    scheduler = scheduler or sampling_scheduler()
     batch, dim = source_embeds.shape
     cond = [x.to(device, dtype) for x in (source_embeds, source_pose, target_pose)]
-    guided = guidance_scale > 1.0
-    if guided:
+    if guidance_scale > 1.0:
         if null_embeds is None:
             raise ValueError("guidance_scale > 1 needs the stored null embedding (null_embeds)")
         null = null_embeds.to(device, dtype).expand(batch, dim)
-        cond = [torch.cat([null, cond[0]]), torch.cat([cond[1]] * 2), torch.cat([cond[2]] * 2)]
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
-    latents = torch.randn((batch, dim), generator=generator, device=generator.device if generator else "cpu")
-    latents = latents.to(device, dtype) * scheduler.init_noise_sigma
-    for i, t in enumerate(timesteps):
-        x = torch.cat([latents] * 2) if guided else latents
-        pred = model(x, t, *cond).predicted_image_embedding
-        if guided:
-            uncond, text = pred.chunk(2)
-            pred = uncond + guidance_scale * (text - uncond)
-        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
-        latents = scheduler.step(pred, t, latents, prev_timestep=prev, generator=generator).prev_sample
+        poses = [torch.zeros_like(p) if uncond == "all" else p for p in cond[1:]]
+        cond = [torch.cat([null, cond[0]]), torch.cat([poses[0], cond[1]]), torch.cat([poses[1], cond[2]])]
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(x, t, *cond).predicted_image_embedding
+
+    latents = denoise(predict, (batch, dim), scheduler=PRIOR_OBJECTIVE.sampler(scheduler), num_inference_steps=num_inference_steps,
+                      device=device, dtype=dtype, guidance_scale=guidance_scale, generator=generator)
     return model.denormalise(latents.float())
 
 
@@ -289,35 +293,39 @@ def normalise_pose(keypoints: np.ndarray, height: int, width: int) -> np.ndarray
 
 
 def embedding_width(card: dict[str, Any]) -> int:
-    from posedata.reader import find_feature
-
-    try:
-        _, clip = find_feature(card, "clip")
-        return int(clip["outputs"]["embeds.npy"]["shape"][0])
-    except (KeyError, IndexError, TypeError) as e:
-        raise ValueError("pcdm-prior: the dataset card has no clip feature with outputs['embeds.npy']['shape']; run `posedata build` with the clip extractor") from e
+    return output_shape(card, "clip", "embeds.npy", "pcdm-prior")[0]
 
 
 class PcdmPriorPlugin(Plugin):
+    """PCDMs stage 1: predicts the target's CLIP image embedding from the source's and both poses."""
+
     name = "pcdm-prior"
     needs = ("clip", ("openpose", "keypoints_annotated"))
     needs_pixels = False
-    defaults = TrainDefaults(learning_rate=1e-5, weight_decay=0.01, warmup_steps=2000, batch_size=128, max_grad_norm=10.0, noise_offset=0.1)
+    output = "embedding"
+    presets = {
+        "paper": Preset(model=PAPER, train=TrainConfig(learning_rate=1e-5, weight_decay=0.01, warmup_steps=2000, batch_size=128, max_grad_norm=10.0)),
+        "tiny": Preset(model=TINY, train=TrainConfig(learning_rate=1e-3, weight_decay=0.01, warmup_steps=0, batch_size=4, max_grad_norm=10.0,
+                                                     checkpoint_every=100)),
+    }
+    sample_recipes = {
+        "official": SampleSettings(num_inference_steps=20, guidance_scale=0.0, scheduler="unclip", uncond="image"),
+        "paper": SampleSettings(num_inference_steps=50, guidance_scale=2.0, scheduler="ddim", uncond="all"),
+    }
     drop_prob = 0.1  # each of source image, source pose, target pose, independently
+    objective = PRIOR_OBJECTIVE
 
-    def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None):
-        super().__init__(card, weights, model)
-        if weights not in ("tiny", "random", "pretrained"):
-            raise ValueError(f"weights must be tiny|random|pretrained, got {weights!r}")
+    def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None, preset: str | None = None,
+                 **options: Any):
+        super().__init__(card, weights, model, preset, **options)
         self.embedding_dim = embedding_width(card)
         self.height, self.width = (int(v) for v in card["resolution"])
-        self.noise_offset = self.defaults.noise_offset
-        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="sample")
+        self.noise_scheduler = self.objective.train_scheduler()
 
     def build_model(self) -> PcdmPriorTransformer:
         if self.weights == "pretrained":
             return load_prior(self.model_id or KANDINSKY_PRIOR, self.embedding_dim)
-        return PcdmPriorTransformer(embedding_dim=self.embedding_dim, **(TINY if self.weights == "tiny" else PAPER))
+        return PcdmPriorTransformer(embedding_dim=self.embedding_dim, **self.preset.model)
 
     def null_embeddings(self) -> tuple[str, ...]:
         return (NULL_NAME,)
@@ -341,58 +349,42 @@ class PcdmPriorPlugin(Plugin):
             "target_pose": torch.stack([self._pose(p["target"]) for p in pairs]),
         }
         if self.drop_prob > 0:
-            drop = torch.rand((len(pairs), 3), generator=generator) < self.drop_prob
-            if drop[:, 0].any():
-                if NULL_NAME not in self.nulls:
-                    raise ValueError("pcdm-prior drops the source image by its stored null embedding; call set_null_embeddings first")
-                null = torch.as_tensor(self.nulls[NULL_NAME], dtype=torch.float32).reshape(-1)
-                batch["source_embeds"][drop[:, 0]] = null
-            batch["source_pose"][drop[:, 1]] = 0.0
-            batch["target_pose"][drop[:, 2]] = 0.0
+            if NULL_NAME not in self.nulls:
+                raise ValueError("pcdm-prior drops the source image by its stored null embedding; call set_null_embeddings first")
+            drop_conditions(batch, {"source_embeds": self.null(NULL_NAME), "source_pose": 0.0, "target_pose": 0.0}, self.drop_prob, generator)
         return batch
 
     # ---- training -----------------------------------------------------------------------
 
     def loss(self, model: PcdmPriorTransformer, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         x0 = model.normalise(batch["target_embeds"].float())
-        bsz, device = x0.shape[0], x0.device
-        gen_device = generator.device if generator is not None else device
-
-        def randn(*shape: int) -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device=gen_device).to(device)
-
-        noise = randn(*x0.shape) + self.noise_offset * randn(bsz, 1)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (bsz,), generator=generator, device=gen_device).to(device)
-        noisy = self.noise_scheduler.add_noise(x0, noise, t)
+        step = self.objective.noisy(x0, generator, self.noise_scheduler)
         dtype = model.dtype
         pred = model(
-            noisy.to(dtype), t, batch["source_embeds"].to(dtype), batch["source_pose"].to(dtype), batch["target_pose"].to(dtype)
+            step.noisy.to(dtype), step.timesteps, batch["source_embeds"].to(dtype), batch["source_pose"].to(dtype), batch["target_pose"].to(dtype)
         ).predicted_image_embedding
-        return F.mse_loss(pred.float(), x0)
+        return self.objective.loss(pred, step)
 
     # ---- sampling -----------------------------------------------------------------------
 
-    def sample(
-        self,
-        model: PcdmPriorTransformer,
-        pairs: list[dict[str, Any]],
-        *,
-        generator: torch.Generator | None = None,
-        guidance_scale: float = 1.0,
-        num_inference_steps: int = 20,
-    ) -> torch.Tensor:
+    def sample(self, model: PcdmPriorTransformer, pairs: list[dict[str, Any]], *, generator: torch.Generator | None = None,
+               **settings: Any) -> torch.Tensor:
         """Pairs need source `clip.embeds` + keypoints and target keypoints only; returns the
-        predicted target CLIP embeddings [B, D] (denormalised, float32)."""
-        null = torch.as_tensor(self.nulls[NULL_NAME], dtype=torch.float32) if NULL_NAME in self.nulls else None
+        predicted target CLIP embeddings [B, D] (denormalised, float32). `settings`:
+        SampleSettings fields (default: the official recipe, no guidance)."""
+        s, rest = self.split_settings(settings)
+        if rest:
+            raise TypeError(f"{self.name}.sample got unexpected arguments {sorted(rest)}")
+        null = self.null(NULL_NAME) if NULL_NAME in self.nulls else None
         return sample_prior(
             model,
             torch.stack([self._embed(p["source"]) for p in pairs]),
             torch.stack([self._pose(p["source"]) for p in pairs]),
             torch.stack([self._pose(p["target"]) for p in pairs]),
             null_embeds=null,
-            guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps,
+            guidance_scale=s.guidance_scale,
+            num_inference_steps=s.num_inference_steps,
+            scheduler=s.scheduler,
+            uncond=s.uncond,
             generator=generator,
         )
-

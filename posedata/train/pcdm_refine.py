@@ -34,9 +34,11 @@ Departures forced by precomputed features (posedata):
   latent of the official mid-grey image is not stored, the VAE feature's null is a black
   image).
 - Resolution: the stored resolution instead of 512 x 512; DINOv2 as in stage 2.
-- Sampling's unconditional branch by default drops only what training dropped (the coarse
-  latents -> zeros, context kept); `uncond="zeros"` reproduces the official branch (zero
-  context too). At sampling, `coarse=` takes latents directly (e.g. pcdm-inpaint's
+- Sampling's unconditional branch: `uncond="zeros"` (the official and default recipe, and
+  the paper's eq. 8) zeroes the context and the coarse latents; `uncond="null"` drops only
+  what training dropped (the coarse latents -> zeros, context kept). The official recipe
+  also sets `guidance_rescale=2.0` (the test script passes its guidance scale as the
+  rescale factor). At sampling, `coarse=` takes latents directly (e.g. pcdm-inpaint's
   output), skipping the official decode -> 8-bit PNG -> re-encode round trip.
 """
 
@@ -45,22 +47,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 
-from posedata.train.pcdm_common import (
-    UNCOND_MODES,
-    PcdmPlugin,
-    PcdmUNetModel,
-    as_tensor,
-    decode,
-    denoise,
-    model_dtype,
-    sample_latent,
-    widen_conv_in,
-)
-from posedata.train.plugin import TrainDefaults
+from posedata.train.config import SampleSettings, TrainConfig
+from posedata.train.diffusion import decode_to_unit, denoise, drop_conditions, sample_latent
+from posedata.train.pcdm_common import UNCOND_MODES, PcdmPlugin, PcdmUNetModel, pcdm_presets
+from posedata.train.plugin import as_tensor, stack
+from posedata.train.unet import model_dtype, widen_conv_in
 
 IN_CHANNELS = 8  # noisy target latents 4 + coarse latents 4
 TOKENS, MEAN, STD = "dinov2.tokens", "vae.mean", "vae.std"
@@ -88,10 +82,16 @@ class PcdmRefineModel(PcdmUNetModel):
 
 
 class PcdmRefinePlugin(PcdmPlugin):
+    """PCDMs stage 3: refines a coarse target image, conditioned on the source's DINOv2 tokens."""
+
     name = "pcdm-refine"
     needs = ("vae:sd21", "dinov2:giant")
     needs_pixels = False
-    defaults = TrainDefaults(learning_rate=1e-5, weight_decay=0.01, warmup_steps=5000, batch_size=16, max_grad_norm=1.0, noise_offset=0.1)
+    presets = pcdm_presets(TrainConfig(learning_rate=1e-5, weight_decay=0.01, warmup_steps=5000, batch_size=16, max_grad_norm=1.0))
+    sample_recipes = {
+        "official": SampleSettings(num_inference_steps=20, guidance_scale=2.0, guidance_rescale=2.0, scheduler="unipc", uncond="zeros"),
+        "paper": SampleSettings(num_inference_steps=50, guidance_scale=2.0, scheduler="ddim", uncond="zeros"),
+    }
     drop_prob = 0.1  # the coarse image (official); the DINOv2 source is never dropped
     coarse_from_target = True
     model_cls = PcdmRefineModel
@@ -124,16 +124,13 @@ class PcdmRefinePlugin(PcdmPlugin):
         image dropped (mean = std = 0, i.e. the zero latent) with p = drop_prob."""
         coarse = [self._coarse(p) for p in pairs]
         batch = {
-            "target_mean": torch.stack([as_tensor(p["target"][MEAN]) for p in pairs]),
-            "target_std": torch.stack([as_tensor(p["target"][STD]) for p in pairs]),
+            "target_mean": stack([p["target"] for p in pairs], MEAN),
+            "target_std": stack([p["target"] for p in pairs], STD),
             "coarse_mean": torch.stack([m for m, _ in coarse]),
             "coarse_std": torch.stack([s for _, s in coarse]),
-            "source_tokens": torch.stack([as_tensor(p["source"][TOKENS]) for p in pairs]),
+            "source_tokens": stack([p["source"] for p in pairs], TOKENS),
         }
-        if self.drop_prob > 0:
-            drop = torch.rand(len(pairs), generator=generator) < self.drop_prob
-            batch["coarse_mean"][drop] = 0.0
-            batch["coarse_std"][drop] = 0.0
+        drop_conditions(batch, {("coarse_mean", "coarse_std"): 0.0}, self.drop_prob, generator)
         return batch
 
     # ---- training -----------------------------------------------------------------------
@@ -141,10 +138,10 @@ class PcdmRefinePlugin(PcdmPlugin):
     def loss(self, model: PcdmRefineModel, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         latents = sample_latent(batch["target_mean"], batch["target_std"], self.scaling_factor, generator)
         coarse = sample_latent(batch["coarse_mean"], batch["coarse_std"], self.scaling_factor, generator)
-        noisy, t, target = self.noisy(latents, generator)
+        step = self.objective.noisy(latents, generator, self.noise_scheduler)
         dtype = model_dtype(model)
-        pred = model(torch.cat([noisy, coarse], dim=1).to(dtype), t, batch["source_tokens"].to(dtype)).sample
-        return F.mse_loss(pred.float(), target.float())
+        pred = model(torch.cat([step.noisy, coarse], dim=1).to(dtype), step.timesteps, batch["source_tokens"].to(dtype)).sample
+        return self.objective.loss(pred, step)
 
     # ---- sampling -----------------------------------------------------------------------
 
@@ -156,21 +153,21 @@ class PcdmRefinePlugin(PcdmPlugin):
         *,
         coarse: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
-        guidance_scale: float = 2.0,
-        guidance_rescale: float = 0.0,
-        num_inference_steps: int = 20,
-        scheduler: str = "unipc",
-        uncond: str = "null",
         vae: Any = None,
+        **settings: Any,
     ) -> torch.Tensor:
         """Refine coarse targets. Pairs need the source's `dinov2.tokens`; the coarse image is
         `coarse` [B, 4, h, w] (unscaled latents, e.g. pcdm-inpaint's sample output) or each
-        pair's `pair["coarse"]` posterior (sampled).
+        pair's `pair["coarse"]` posterior (sampled). `settings`: SampleSettings fields
+        (default: the official recipe).
 
         Returns latents [B, 4, h, w] in the stored latents' space (unscaled), or with `vae`
         the decoded images [B, 3, H, W] in [0, 1]."""
-        if uncond not in UNCOND_MODES:
-            raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {uncond!r}")
+        s, rest = self.split_settings(settings)
+        if rest:
+            raise TypeError(f"{self.name}.sample got unexpected arguments {sorted(rest)}")
+        if s.uncond not in UNCOND_MODES:
+            raise ValueError(f"uncond must be one of {UNCOND_MODES}, got {s.uncond!r}")
         device, dtype = model.device, model.dtype
         bsz = len(pairs)
         if coarse is not None:
@@ -179,20 +176,21 @@ class PcdmRefinePlugin(PcdmPlugin):
             if any(COARSE not in p for p in pairs):
                 raise ValueError(f"{self.name}.sample needs the coarse image: coarse= latents or pair['coarse'] posteriors")
             parts = [self._coarse(p) for p in pairs]
-            mean, std = torch.stack([m for m, _ in parts]).to(device), torch.stack([s for _, s in parts]).to(device)
+            mean, std = torch.stack([m for m, _ in parts]).to(device), torch.stack([s_ for _, s_ in parts]).to(device)
             coarse_latents = sample_latent(mean, std, self.scaling_factor, generator)
         coarse_latents = coarse_latents.to(dtype)
-        context = model.image_proj_model_p(torch.stack([as_tensor(p["source"][TOKENS]) for p in pairs]).to(device, dtype))
-        if guidance_scale > 1.0:
-            null_context = torch.zeros_like(context) if uncond == "zeros" else context
+        context = model.image_proj_model_p(stack([p["source"] for p in pairs], TOKENS).to(device, dtype))
+        if s.guidance_scale > 1.0:
+            null_context = torch.zeros_like(context) if s.uncond == "zeros" else context
             context = torch.cat([null_context, context])
             coarse_latents = torch.cat([torch.zeros_like(coarse_latents), coarse_latents])
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return model.unet(torch.cat([x, coarse_latents], dim=1), t, encoder_hidden_states=context).sample
 
-        latents = denoise(predict, (bsz, 4, *self.latent_shape[1:]), device=device, dtype=dtype, guidance_scale=guidance_scale,
-                          guidance_rescale=guidance_rescale, num_inference_steps=num_inference_steps, scheduler=scheduler, generator=generator)
+        latents = denoise(predict, (bsz, 4, *self.latent_shape[1:]), scheduler=self.objective.sampler(s.scheduler),
+                          num_inference_steps=s.num_inference_steps, device=device, dtype=dtype, guidance_scale=s.guidance_scale,
+                          guidance_rescale=s.guidance_rescale, generator=generator)
         if vae is not None:
-            return decode(vae, latents)
+            return decode_to_unit(vae, latents)
         return latents.float() / self.scaling_factor

@@ -1,9 +1,10 @@
-"""The one protocol every training plugin follows (DESIGN.md §5).
+"""The one protocol every training plugin follows (docs/design.md, "Plugins").
 
 A plugin declares the features it reads, builds its model, turns a collated batch of pairs
 into a loss, and knows how to sample; nothing else: the shared trainer
 (`posedata.train.trainer`) owns devices, mixed precision, accumulation, checkpoints, resume,
-logging and progress.
+logging and progress, and `posedata.train.sample` owns reading pairs and writing samples.
+UNet plugins start from `posedata.train.unet.UNetPlugin`, which does the set-up they share.
 
 What a plugin receives from the reader (`posedata.reader`): pairs, each
 `{"source": sample, "target": sample}`, where a sample is a flat dict with `__key__`,
@@ -17,27 +18,21 @@ it needs in `null_embeddings()` (e.g. `("clip.embeds",)`, read from
 `features/<folder>/null.<output>.npy`); the trainer hands the arrays to
 `set_null_embeddings` before it asks for any batch, so `collate` (which may run in
 DataLoader workers) can swap them in.
+
+Settings: `presets` (`paper`, `tiny`: model size + `TrainConfig`), `sample_recipes` (the
+first is the default), and extra command-line options (`train_options`, `sample_options`)
+are class attributes, so `posedata train --help` / `sample --help` can show them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class TrainDefaults:
-    learning_rate: float
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    batch_size: int = 8
-    max_grad_norm: float = 10.0
-    noise_offset: float = 0.0
-
+from posedata.train.config import PluginOption, Preset, SampleSettings, TrainConfig, preset_name
 
 # One need: a feature name, or a tuple of interchangeable names (first is preferred).
 FeatureNeed = str | tuple[str, ...]
@@ -47,16 +42,38 @@ class Plugin:
     name: ClassVar[str]
     needs: ClassVar[tuple[FeatureNeed, ...]]
     needs_pixels: ClassVar[bool] = False
-    defaults: ClassVar[TrainDefaults]
+    presets: ClassVar[dict[str, Preset]]
+    sample_recipes: ClassVar[dict[str, SampleSettings]] = {"default": SampleSettings()}
+    train_options: ClassVar[tuple[PluginOption, ...]] = ()
+    sample_options: ClassVar[tuple[PluginOption, ...]] = ()
+    # what `sample` returns: "latents" (unscaled, the stored posteriors' space; decoded with
+    # the dataset's VAE) or "embedding" (saved as .npy)
+    output: ClassVar[str] = "latents"
 
-    def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None):
+    def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None, preset: str | None = None,
+                 **options: Any):
         """`card` is the dataset card (dataset.json) so the plugin can size itself from the
-        stored shapes (e.g. the CLIP embedding width); `weights` is tiny|random|pretrained;
-        `model` overrides the pretrained hub id or local directory."""
+        stored shapes; `weights` tiny|random|pretrained; `model` overrides the pretrained hub
+        id or local directory; `preset` defaults to "tiny" for tiny weights, else "paper";
+        `options` are the values of the plugin's `train_options`."""
         self.card = card
         self.weights = weights
         self.model_id = model
+        self.preset_name = preset_name(weights, preset)
+        if self.preset_name not in self.presets:
+            raise ValueError(f"{self.name}: no preset {self.preset_name!r}; known: {', '.join(self.presets)}")
+        self.preset = self.presets[self.preset_name]
+        known = {o.name: o.default for o in self.train_options}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {unknown}; known: {sorted(known) or 'none'}")
+        self.options = {**known, **{k: v for k, v in options.items() if v is not None}}
         self.nulls: dict[str, np.ndarray] = {}
+
+    @property
+    def defaults(self) -> TrainConfig:
+        """The training settings of this plugin's preset (`posedata train` starts from them)."""
+        return self.preset.train
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -75,6 +92,12 @@ class Plugin:
             )
         self.nulls = {n: np.asarray(arrays[n]) for n in self.null_embeddings()}
 
+    def null(self, name: str) -> torch.Tensor:
+        """A stored null output as float32 torch."""
+        if name not in self.nulls:
+            raise ValueError(f"{self.name} needs the stored null output {name!r}; call set_null_embeddings first")
+        return as_tensor(self.nulls[name])
+
     def collate(self, pairs: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """CPU-side: stack a list of pairs into tensors, applying condition dropout (runs in
         DataLoader workers). Draw every random number from `generator`: the trainer's loader
@@ -92,7 +115,62 @@ class Plugin:
         model itself once per step, not only its submodules."""
         raise NotImplementedError
 
-    def sample(self, model: torch.nn.Module, pairs: list[dict[str, Any]], *, generator: torch.Generator | None = None, **options: Any) -> Any:
-        """Generate the plugin's output for pairs (features of the target that sampling
-        cannot know, e.g. its CLIP embedding, may be absent)."""
+    def sample(self, model: torch.nn.Module, pairs: list[dict[str, Any]], *, generator: torch.Generator | None = None, **settings: Any) -> Any:
+        """Generate for pairs (features of the target that sampling cannot know, e.g. its
+        CLIP embedding, may be absent). `settings` are `SampleSettings` fields
+        (num_inference_steps, guidance_scale, guidance_rescale, scheduler, uncond) and the
+        plugin's own inputs; what is not given comes from `sample_settings()`. Returns
+        what `output` says."""
         raise NotImplementedError
+
+    def sample_settings(self, recipe: str | None = None, **changes: Any) -> SampleSettings:
+        """The settings of `recipe` (default: the first of `sample_recipes`), with `changes`
+        (None values ignored)."""
+        name = recipe or next(iter(self.sample_recipes))
+        if name not in self.sample_recipes:
+            raise ValueError(f"{self.name}: no sampling recipe {name!r}; known: {', '.join(self.sample_recipes)}")
+        fields = set(SampleSettings.__dataclass_fields__)
+        return self.sample_recipes[name].replace(**{k: v for k, v in changes.items() if k in fields})
+
+    def split_settings(self, kwargs: dict[str, Any]) -> tuple[SampleSettings, dict[str, Any]]:
+        """`sample(**kwargs)` -> (SampleSettings from the default recipe with the given
+        fields, the remaining keyword arguments)."""
+        fields = set(SampleSettings.__dataclass_fields__)
+        settings = self.sample_settings(**{k: v for k, v in kwargs.items() if k in fields})
+        return settings, {k: v for k, v in kwargs.items() if k not in fields}
+
+
+# ---- what the dataset card says -------------------------------------------------------------
+
+
+def feature_card(card: dict[str, Any], need: str, plugin: str) -> dict[str, Any]:
+    from posedata.reader import find_feature
+
+    found = find_feature(card, need)
+    if not found:
+        raise ValueError(f"{plugin}: the dataset has no {need!r} feature; run `posedata build` / `posedata extend` with it")
+    return found[1]
+
+
+def output_shape(card: dict[str, Any], need: str, output: str, plugin: str) -> list[int]:
+    try:
+        return [int(v) for v in feature_card(card, need, plugin)["outputs"][output]["shape"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{plugin}: the card's {need!r} feature does not record the shape of {output}") from e
+
+
+def vae_scaling_factor(card: dict[str, Any], need: str, plugin: str) -> float:
+    value = feature_card(card, need, plugin).get("scaling_factor")
+    if value is None:
+        raise ValueError(f"{plugin}: the card's {need!r} feature has no scaling_factor")
+    return float(value)
+
+
+def as_tensor(array: Any) -> torch.Tensor:
+    """A stored array (fp16 / fp32 numpy) as float32 torch."""
+    return torch.as_tensor(np.asarray(array, dtype=np.float32))
+
+
+def stack(samples: list[dict[str, Any]], key: str) -> torch.Tensor:
+    """One stored output of several samples as a float32 batch."""
+    return torch.stack([as_tensor(s[key]) for s in samples])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posedata.reader import Dataset, PairStream
+from posedata.reader import Dataset, GroupStream, PairStream
 from posedata.train import plugin_class
 from posedata.train.plugin import Plugin
 from posedata.train.trainer import batch_seed, train, use_cpu
@@ -99,7 +99,9 @@ def batches_factory(dataset: Dataset, plugin: Plugin, split: str, batch_size: in
     with a warning (see `PairStream`)."""
 
     def factory(start: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        stream = PairStream(dataset, split, plugin.needs, pixels=plugin.needs_pixels, seed=seed, rank=rank, world_size=world_size, on_corrupt=on_corrupt)
+        # a plugin's `stream`: "pairs" (PairStream) or "groups" (GroupStream: IMAGPose's groups of four)
+        stream_cls = GroupStream if getattr(plugin, "stream", "pairs") == "groups" else PairStream
+        stream = stream_cls(dataset, split, plugin.needs, pixels=plugin.needs_pixels, seed=seed, rank=rank, world_size=world_size, on_corrupt=on_corrupt)
         return collated_loader(stream, plugin, batch_size, num_workers, seed, rank, start)
 
     return factory
@@ -150,19 +152,22 @@ def run_training(
     *,
     weights: str = "pretrained",
     model: str | None = None,
+    preset: str | None = None,
+    options: dict[str, Any] | None = None,
     split: str = "train",
-    batch_size: int | None = None,
     num_workers: int = 0,
     storage_options: dict[str, Any] | None = None,
     overwrite: bool = False,
     skip_corrupt: bool = False,
-    **train_options: Any,
+    resume: bool | str = False,
+    **changes: Any,
 ) -> dict[str, Any]:
-    """`skip_corrupt`: skip shards that cannot be read (corrupt, truncated, missing, keys
-    out of line) with a warning naming each, instead of stopping at the first.
-    `train_options` go to `posedata.train.trainer.train` (max_steps, ema_decay,
-    gradient_checkpointing, attention, ...). Under `accelerate launch` every process calls
-    this; each reads its own part of the data."""
+    """Open the dataset, build the plugin (`options`: its `train_options` values), and train
+    with its preset's `TrainConfig` with `changes` (TrainConfig fields: max_steps,
+    batch_size, learning_rate, ema_decay, ...). `skip_corrupt`: skip shards that cannot be
+    read (corrupt, truncated, missing, keys out of line) with a warning naming each, instead
+    of stopping at the first. Under `accelerate launch` every process calls this; each reads
+    its own part of the data."""
     from accelerate import PartialState
 
     state = PartialState(cpu=use_cpu())
@@ -171,15 +176,15 @@ def run_training(
         shutil.rmtree(out)
     state.wait_for_everyone()
     dataset = Dataset(shards, storage_options)
-    plugin = plugin_class(plugin_name)(dataset.card, weights=weights, model=model)
-    batch_size = batch_size or plugin.defaults.batch_size
+    plugin = plugin_class(plugin_name)(dataset.card, weights=weights, model=model, preset=preset, **(options or {}))
+    config = plugin.defaults.replace(**changes)
     on_corrupt = "skip" if skip_corrupt else "raise"
     return train(
         plugin,
-        batches_factory(dataset, plugin, split, batch_size, num_workers, rank=rank, world_size=world_size, on_corrupt=on_corrupt),
+        batches_factory(dataset, plugin, split, config.batch_size, num_workers, rank=rank, world_size=world_size, on_corrupt=on_corrupt),
         out,
-        batch_size=batch_size,
+        config,
+        resume=resume,
         null_embeddings=load_null_embeddings(dataset, plugin),
         run_info=describe_data(dataset, plugin, shards, split, num_workers, world_size, skip_corrupt),
-        **train_options,
     )
