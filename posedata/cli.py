@@ -468,5 +468,29 @@ def sample_pcdm(shards, out, storage_options, stage_settings, **kw) -> None:
     click.echo(json.dumps(summary, indent=2))
 
 
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+@main.command("eval")
+@click.argument("samples_dir")
+@click.option("--shards", required=True, help="The dataset the samples were made from (its stored images are the ground truth).")
+@click.option("--protocol", type=click.Choice(["pcdms", "cfld", "pidm", "gfla", "patn"]), default="pcdms", show_default=True, help="Whose official metric script to follow (see the README: numbers of different protocols are not comparable).")
+@click.option("--metrics", default=None, help="Comma-separated: ssim,psnr,lpips,fid,fid_tf,mask_ssim,mask_lpips (default: what the protocol's papers report, plus fid_tf when the dataset has its reference).")
+@click.option("--weights", type=click.Choice(["pretrained", "random"]), default="pretrained", show_default=True, help="pretrained: LPIPS / Inception weight files from $TORCH_HOME/hub/checkpoints (never downloaded); random: seeded random networks (tests, CI).")
+@click.option("--split", default="test", show_default=True, help="The split every target must be in.")
+@click.option("--reference-split", default="train", show_default=True, help="The split whose fid_ref features are FID's reference.")
+@click.option("--seed", default=0, show_default=True, help="Seed of --weights random (must match the fid_ref feature's).")
+@click.option("--sheet-pairs", default=4, show_default=True, help="Best and worst pairs drawn in metrics_sheet.png.")
+@click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
+def eval_command(samples_dir, shards, metrics, storage_options, **kw) -> None:
+    """SSIM, PSNR, LPIPS, FID of SAMPLES_DIR/samples.parquet as a paper computes them; writes
+    metrics.json and metrics_sheet.png (best / worst pairs: source | generated | truth)."""
+    from posedata.eval.run import evaluate
+
+    wanted = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    evaluate(samples_dir, shards, metrics=wanted, storage_options=parse_storage_options(storage_options), echo=click.echo, **kw)
+
+
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ REGISTRY: dict[str, str] = {
     "vae": "posedata.extractors.vae:VaeExtractor",
     "dinov2": "posedata.extractors.dinov2:Dinov2Extractor",
     "higherhrnet": "posedata.extractors.higherhrnet:HigherHRNetExtractor",
+    "fid_ref": "posedata.extractors.fid_ref:FidReferenceExtractor",
     "pose_latent": "posedata.extractors.pose_latent:PoseLatentExtractor",
 }
 
