@@ -104,6 +104,7 @@ class ImagPosePlugin(UNetPlugin):
     model_cls = ImagPoseModel
     conv_in_init = "official"  # random 9-channel kernel, SD bias (ignore_mismatched_sizes)
     stream = "groups"  # the reader's GroupStream: items {"group", "samples": [4 samples]}
+    sampler = "posedata.train.imagpose_sample:sample_imagpose"  # canvases, not pairs
     needs: ClassVar[tuple] = ("vae:sd15", ("dinov2:base", "dinov2:giant"), POSE_NEED)
     presets = {
         "paper": Preset(model={"pose_block_out_channels": PAPER_POSE_CHANNELS}, train=PAPER_TRAIN),
@@ -116,8 +117,8 @@ class ImagPosePlugin(UNetPlugin):
     train_options = (
         PluginOption("stage", "training stage: 1 = UNet + pose guider + tokenizer, 2 = CVA only, 3 = everything", default=1, type=int),
         PluginOption("init", "the previous stage's run (or a saved model) to start from; stages 2 and 3 need it", default=None),
-        PluginOption("recipe", "objective: official (v-prediction, zero-terminal SNR, min-SNR 5, offset 0.05) or paper (epsilon, linear)",
-                     default="official", choices=RECIPES),
+        PluginOption("recipe", "objective: official (v-prediction, zero-terminal SNR, min-SNR 5, offset 0.05) or paper (epsilon, linear); "
+                     "default official, or what the model given with --init / --model was trained with", default=None, choices=RECIPES),
         PluginOption("cva_model", f"stage 2 with --weights pretrained: the AnimateDiff motion adapter the CVA starts from (default {MOTION_ADAPTER})",
                      default=None),
     )
@@ -130,9 +131,9 @@ class ImagPosePlugin(UNetPlugin):
         self.stage = int(self.options["stage"])
         if self.stage not in STAGES:
             raise ValueError(f"{self.name}: --stage must be one of {STAGES}, got {self.stage}")
-        if self.options["recipe"] not in RECIPES:
-            raise ValueError(f"{self.name}: --recipe must be one of {RECIPES}, got {self.options['recipe']!r}")
-        dino = ("dinov2:giant", "dinov2:base") if self.options["recipe"] == "paper" else ("dinov2:base", "dinov2:giant")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"{self.name}: --recipe must be one of {RECIPES}, got {self.recipe!r}")
+        dino = ("dinov2:giant", "dinov2:base") if self.recipe == "paper" else ("dinov2:base", "dinov2:giant")
         self.dinov2_need = next((n for n in dino if find_feature(card, n)), dino[0])
         self.needs = ("vae:sd15", dino, POSE_NEED)  # the recipe's preferred image encoder first
         self.token_shape = tuple(output_shape(card, self.dinov2_need, "tokens.npy", self.name))
@@ -146,12 +147,17 @@ class ImagPosePlugin(UNetPlugin):
     # ---- settings -------------------------------------------------------------------------
 
     @property
+    def recipe(self) -> str:
+        """The objective: --recipe, else what a saved model records (set by build_model), else official."""
+        return self.options.get("recipe") or getattr(self, "_model_recipe", None) or "official"
+
+    @property
     def defaults(self) -> TrainConfig:
         stages = TINY_STAGE_TRAIN if self.preset_name == "tiny" else STAGE_TRAIN
         return self.preset.train.replace(**stages[self.stage])
 
     def make_objective(self) -> Objective:
-        if self.options["recipe"] == "paper":
+        if self.recipe == "paper":
             return Objective({**self.base.scheduler_config, **PAPER_SCHEDULER})
         return Objective({**self.base.scheduler_config, **OFFICIAL_SCHEDULER}, noise_offset=0.05, min_snr_gamma=5.0)
 
@@ -167,15 +173,19 @@ class ImagPosePlugin(UNetPlugin):
         widen_conv_in(unet, IN_CHANNELS, self.conv_in_init)
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {**super().model_kwargs(), "image_embed_dim": self.token_shape[-1], "objective": self.options["recipe"]}
+        return {**super().model_kwargs(), "image_embed_dim": self.token_shape[-1], "objective": self.recipe}
 
     def check_model(self, model: ImagPoseModel) -> ImagPoseModel:
         if model.unet.config.in_channels != IN_CHANNELS:
             raise ValueError(f"{self.name}: expected a UNet with {IN_CHANNELS} input channels, got {model.unet.config.in_channels}")
         if model.config.image_embed_dim != self.token_shape[-1]:
             raise ValueError(f"{self.name}: the model takes {model.config.image_embed_dim}-wide image tokens, the dataset's {self.dinov2_need} are {self.token_shape[-1]}")
-        if model.config.objective != self.options["recipe"]:
+        if self.options.get("recipe") and model.config.objective != self.options["recipe"]:
             raise ValueError(f"{self.name}: the model was trained with --recipe {model.config.objective}, this run asks for {self.options['recipe']}")
+        if model.config.objective != self.recipe:  # a saved model sets the schedule it was trained with
+            self._model_recipe = model.config.objective
+            self.objective = self.make_objective()
+            self.noise_scheduler = self.objective.train_scheduler()
         if pad_multiple(model.unet.config) != pad_multiple(self.unet_config):
             raise ValueError(f"{self.name}: the model's UNet has {len(model.unet.config.block_out_channels)} levels, expected {len(self.unet_config['block_out_channels'])}")
         return model
@@ -201,7 +211,7 @@ class ImagPosePlugin(UNetPlugin):
             if adapter is not None and dict(adapter.config)["block_out_channels"] != list(model.unet.config.block_out_channels):
                 raise ValueError(f"{self.name}: the motion adapter's blocks {adapter.config.block_out_channels} do not fit the UNet's")
             model = model.with_cva(adapter)
-        if self.stage == 1 and model.cva is not None:
+        if self.stage == 1 and init and model.cva is not None:
             raise ValueError(f"{self.name}: stage 1 trains a model without CVA; {init} already has CVA modules (use --stage 3)")
         model.set_trainable(tuple(p for p in STAGE_PARTS[self.stage] if p in model.parts()))
         return model
