@@ -29,19 +29,20 @@ from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_o
 from posedata.errors import PosedataError
 from posedata.extractors.base import Extractor
 from posedata.images import ImageRejected, NotRegularFile, read_source_bytes, store_image
-from posedata.layout import CARD, DONE, MANIFEST, REJECTS, DatasetLocation
+from posedata.layout import CARD, DONE, FORMAT_VERSION, HUB_CARD, MANIFEST, META, REJECTS, DatasetLocation, relative_source_path, without_root, without_root_in
 from posedata.plan import ShardTask, plan_shards
 from posedata.records import STAGE_DECODE, SourceScan
-from posedata.extend import FEATURE_CARD, record_features
+from posedata.extend import record_features
 from posedata.pipeline import Job, StageSpec, output_suffixes, run_locally, run_with_ray
-from posedata.shards import MANIFEST_SCHEMA, REJECTS_SCHEMA, write_shard
+from posedata.interop import write_wids_indexes
+from posedata.shards import MANIFEST_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA, duplicates_across_splits, duplicates_text, write_shard
 
 log = logging.getLogger("posedata.build")
 
-CARD_FORMAT_VERSION = 1
+CARD_FORMAT_VERSION = FORMAT_VERSION
 
 # What a build writes at the top of its --out: the only entries `--overwrite` removes.
-OWN_ENTRIES = (CARD, MANIFEST, REJECTS, "pairs", "shards", "features", DONE)
+OWN_ENTRIES = (CARD, HUB_CARD, MANIFEST, REJECTS, "pairs", "shards", "features", META, DONE)
 
 
 class BuildError(PosedataError):
@@ -101,7 +102,7 @@ def decode_rows(rows: list[dict[str, Any]], height: int, width: int) -> list[dic
             "key": row["key"],
             "split": row["split"],
             "group": row["group"],
-            "source_path": row["path"],
+            "source_path": row.get("source_path") or row["path"],
             "original_size": [row["original_height"], row["original_width"]],
         }
         if stored.colour:
@@ -139,7 +140,7 @@ class BuildPlan:
         """What must match for a rerun to resume rather than start over."""
         return {
             "source": self.config.source,
-            "root": os.path.abspath(self.config.root),
+            "root": self.config.root,  # as given (compared as an absolute path: comparable_settings)
             "source_options": self.config.source_options,
             "resolution": list(self.resolution),
             "shard_size": self.config.shard_size,
@@ -190,6 +191,7 @@ def task_rows(plan: BuildPlan, task: ShardTask) -> list[dict[str, Any]]:
             "split": r.split,
             "group": r.group,
             "path": r.path,
+            "source_path": relative_source_path(r.path, plan.config.root),
             "annotations": json.dumps(r.annotations, sort_keys=True) if r.annotations else "",
             "shard": task.name,
             "index": i,
@@ -307,6 +309,15 @@ def remove_dataset(location: DatasetLocation) -> None:
                 os.remove(os.path.join(location.root, name))
 
 
+def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Build settings as a rerun compares them: JSON values, the source root absolute (the
+    file keeps it as the user typed it; older builds wrote it absolute)."""
+    settings = json.loads(json.dumps(settings))
+    if isinstance(settings.get("root"), str):
+        settings["root"] = os.path.abspath(os.path.expanduser(settings["root"]))
+    return settings
+
+
 def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
     settings_path = location.path("_done", "build.json")
     if plan.config.overwrite and location.exists(location.root):
@@ -314,8 +325,9 @@ def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
         remove_dataset(location)
     if location.exists(settings_path):
         previous = location.read_json(settings_path)
-        if previous != json.loads(json.dumps(plan.settings())):
-            changed = sorted(k for k in set(previous) | set(plan.settings()) if previous.get(k) != json.loads(json.dumps(plan.settings())).get(k))
+        previous, current = comparable_settings(previous), comparable_settings(plan.settings())
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise BuildError(
                 f"{location.url} already holds a build with different settings ({', '.join(changed)} differ); "
                 "use --overwrite to start over, or another --out (use `posedata extend` to add features)"
@@ -332,7 +344,10 @@ def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
     location.write_parquet(
         location.path("_done", "scan.parquet"),
         pa.Table.from_pylist(
-            [{"source_path": r.path, "key": r.key, "split": r.split, "stage": r.stage, "reason": r.reason} for r in plan.scan.rejects],
+            [
+                {"source_path": relative_source_path(r.path, plan.config.root), "key": r.key, "split": r.split, "stage": r.stage, "reason": without_root(r.reason, plan.config.root)}
+                for r in plan.scan.rejects
+            ],
             schema=REJECTS_SCHEMA,
         ),
     )
@@ -354,6 +369,7 @@ def _remove_stale_temporaries(location: DatasetLocation, plan: BuildPlan) -> Non
         return
     own = [location.path("shards"), location.path("pairs"), location.path("_done"), location.path("_done", "shards")]
     own += [location.feature_dir(e.folder) for e in plan.extractors.values()]
+    own += [location.path(META, "shards")] + [location.feature_meta(e.folder) for e in plan.extractors.values()]
     now = time.time()
     for directory in [location.root, *own]:
         try:
@@ -401,20 +417,23 @@ def finalize(plan: BuildPlan, location: DatasetLocation, started: float) -> dict
         "format_version": CARD_FORMAT_VERSION,
         "posedata_version": posedata.__version__,
         "name": os.path.basename(location.root.rstrip("/")) or plan.config.source,
-        "source": {"name": plan.config.source, "root": os.path.abspath(plan.config.root), "options": plan.config.source_options, "info": plan.scan.info},
+        # the root only here, as the user gave it; no other path of this machine (manifest paths are relative to it)
+        "source": {"name": plan.config.source, "root": plan.config.root, "options": plan.config.source_options, "info": without_root_in(plan.scan.info, plan.config.root)},
         "resolution": list(plan.resolution),
         "image": {"format": "jpg", "quality": 95, "chroma_subsampling": "4:4:4", "resize": "PIL bicubic with antialiasing, straight to H x W"},
         "splits": splits,
         "features": features,
         "counts": {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects)},
         "rejects_by_reason": dict(sorted(reasons.items())),
+        "duplicates_across_splits": duplicates_across_splits(manifest),
         "build": {"shard_size": plan.config.shard_size, "weights": plan.config.weights, "dtype": plan.config.dtype, "executor": plan.config.executor, "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
+    write_wids_indexes(location, card, collections.Counter(manifest["shard"].to_pylist()), [None, *features])
     for folder, feature in features.items():
-        location.write_json(location.path("features", folder, FEATURE_CARD), feature)
+        location.write_json(location.feature_card(folder), feature)
     location.write_json(location.path(CARD), card)  # last: its presence means "complete"
-    record_features(location)  # keep features that `posedata extend` added since
-    return {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects), "rejects_by_reason": card["rejects_by_reason"], "seconds": elapsed, "splits": {s: v["samples"] for s, v in splits.items()}, "out": location.url}
+    record_features(location)  # keep features that `posedata extend` added since; writes README.md
+    return {"inputs": len(manifest) + len(rejects), "written": len(manifest), "rejected": len(rejects), "rejects_by_reason": card["rejects_by_reason"], "duplicates_across_splits": card["duplicates_across_splits"], "seconds": elapsed, "splits": {s: v["samples"] for s, v in splits.items()}, "out": location.url}
 
 
 def count_notes(notes_json: list[str]) -> dict[str, dict[str, int]]:
@@ -451,11 +470,12 @@ def write_pairs(plan: BuildPlan, location: DatasetLocation, manifest: pa.Table) 
             origin = "generated: all ordered pairs within each group"
         table = pa.table(
             {
+                "split": [split] * len(kept),  # so that pairs/*.parquet read as one table keep it
                 "source_key": [a for a, _ in kept],
                 "target_key": [b for _, b in kept],
                 "shard": [shard_of[a] if shard_of[a] == shard_of[b] else None for a, b in kept],
             },
-            schema=pa.schema([("source_key", pa.string()), ("target_key", pa.string()), ("shard", pa.string())]),
+            schema=PAIRS_SCHEMA,
         )
         location.write_parquet(location.path("pairs", f"{split}.parquet"), table)
         out[split] = {
@@ -477,6 +497,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     ]
     for reason, n in summary["rejects_by_reason"].items():
         lines.append(f"    {n:>6}  {reason}")
+    leak = duplicates_text(summary.get("duplicates_across_splits") or {})
+    if leak:
+        lines.append(f"  duplicates {leak}")
     rate = summary["written"] / summary["seconds"] if summary["seconds"] else 0.0
     lines.append(f"  time       {summary['seconds']:>8.1f} s   ({rate:.1f} images/s)")
     lines.append(f"  dataset    {summary['out']}")

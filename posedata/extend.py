@@ -2,8 +2,9 @@
 
 How teams share one bucket: the base shards are built once, and whoever needs a feature adds
 it. Extending writes only new objects — `features/<name>@<fp>/...` sidecars, their done
-markers under `_done/features/`, and `features/<name>@<fp>/feature.json` — and then records
-the feature in `dataset.json`. No existing object is rewritten except `dataset.json`.
+markers under `_done/features/`, and `meta/features/<name>@<fp>/` (feature.json, null
+embeddings, wids indexes) — and then records the feature in `dataset.json` and the dataset
+card `README.md` (posedata.interop). No existing object is rewritten except those two.
 
 Two teams extending at once: each writes its `feature.json` first, then merges every
 `feature.json` it can list into `dataset.json`, writes it, and re-reads both until the card
@@ -26,11 +27,13 @@ import pyarrow.compute as pc
 
 from posedata.extractors import create_extractor, dependency_order, extractor_class, parse_spec, provider
 from posedata.extractors.base import Extractor
-from posedata.layout import CARD, DatasetLocation
+from posedata.interop import write_hub_card, write_wids_indexes
+from posedata.layout import CARD, FEATURE_CARD, META, DatasetLocation
 from posedata.pipeline import Job, StageSpec, feature_column, output_suffixes, run_locally, run_with_ray
 from posedata.reader import Dataset, find_feature
+from posedata.storage import card_members
 
-FEATURE_CARD = "feature.json"
+__all__ = ["FEATURE_CARD", "ExtendConfig", "ExtendError", "extend", "feature_done_marker", "record_features"]
 
 
 class ExtendError(RuntimeError):
@@ -87,7 +90,7 @@ def extend(config: ExtendConfig, echo: Callable[[str], None] = print) -> dict[st
                 found = find_feature(card, dep)
                 if not found:
                     raise ExtendError(f"{spec} needs {dep!r}, which {location.url} does not have: add it to --features")
-                deps[dep] = (found[0], list(found[1]["outputs"]))
+                deps[dep] = (found[0], card_members(found[1]["outputs"]))
         kwargs_by_spec[spec], dependencies[spec] = kwargs, deps
         extractors[spec] = create_extractor(spec, upstream={d: f for d, (f, _) in deps.items()}, **kwargs)
 
@@ -128,8 +131,9 @@ def extend(config: ExtendConfig, echo: Callable[[str], None] = print) -> dict[st
         (run_with_ray if config.executor == "ray" else run_locally)(job, echo)
 
     notes = _collect_notes(location, new, shards)
+    write_wids_indexes(location, card, collections.Counter(dataset.manifest["shard"].to_pylist()), [e.folder for e in new.values()])
     for spec, e in new.items():
-        location.write_json(location.path("features", e.folder, FEATURE_CARD), {**e.card(), "spec": spec, "notes": notes.get(spec, {})})
+        location.write_json(location.feature_card(e.folder), {**e.card(), "spec": spec, "notes": notes.get(spec, {})})
     record_features(location)
     elapsed = time.time() - started
     echo(f"added {', '.join(f'{s} -> features/{e.folder}' for s, e in new.items())} in {elapsed:.1f} s")
@@ -193,13 +197,15 @@ def _collect_notes(location: DatasetLocation, new: dict[str, Extractor], shards:
 
 
 def record_features(location: DatasetLocation, attempts: int = 20) -> dict[str, Any]:
-    """Merge every `features/*/feature.json` into dataset.json until a re-read shows the
-    card holds them all (see the module docstring for why this is safe to run concurrently)."""
+    """Merge every `meta/features/*/feature.json` (and format 1's `features/*/feature.json`)
+    into dataset.json until a re-read shows the card holds them all (see the module docstring
+    for why this is safe to run concurrently); then write the dataset card README.md."""
     for _ in range(attempts):
         card = location.read_json(location.path(CARD))
-        listed = {p.rsplit("/", 2)[-2]: p for p in location.glob(f"features/*/{FEATURE_CARD}")}
+        listed = {p.rsplit("/", 2)[-2]: p for p in location.glob(f"features/*/{FEATURE_CARD}") + location.glob(f"{META}/features/*/{FEATURE_CARD}")}
         missing = {folder: location.read_json(path) for folder, path in listed.items() if folder not in card["features"]}
         if not missing:
+            write_hub_card(location, card)
             return card
         card["features"] = dict(sorted({**card["features"], **missing}.items()))
         location.write_json(location.path(CARD), card)

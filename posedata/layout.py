@@ -1,13 +1,24 @@
 """Where everything lives inside a dataset (DESIGN.md §3), on any fsspec filesystem.
 
+Format 2 (this version) keeps only shards in the folders users point tools at (`shards/`,
+`features/<name>@<fp>/`: Ray Data and HF `datasets` read every file of a folder as a shard);
+everything else about a folder lives under `meta/`:
+
 ```
+<root>/README.md                                     dataset card for HF `datasets` / the Hub
 <root>/dataset.json  manifest.parquet  rejects.parquet  pairs/<split>.parquet
 <root>/shards/<split>-000000.tar                     base shards: <key>.jpg, <key>.json
 <root>/features/<name>@<fp>/<split>-000000.tar       one sidecar per feature, same keys/order
-<root>/features/<name>@<fp>/null.<output>.npy        null embeddings (for CFG dropout)
+<root>/meta/shards/<split>.wids.json                 wids shard index (URLs relative to it)
+<root>/meta/features/<name>@<fp>/feature.json        the feature's card
+<root>/meta/features/<name>@<fp>/null.<output>.npy   null embeddings (for CFG dropout)
+<root>/meta/features/<name>@<fp>/<split>.wids.json   wids shard index of the sidecars
 <root>/_done/shards/<split>-000000.parquet           per-shard manifest + rejects, written last
 <root>/_done/scan.parquet                            rejects found while scanning the source
 ```
+
+Format 1 kept `feature.json` and `null.*.npy` inside `features/<name>@<fp>/`; the `legacy_*`
+paths find them there, and readers look in both places (new first).
 
 Objects are written whole under their final name only once complete: on local disk through
 a temporary name and a rename, on object stores by a single PUT (an object is invisible to
@@ -49,6 +60,12 @@ CARD = "dataset.json"
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 DONE = "_done"
+META = "meta"
+FEATURE_CARD = "feature.json"
+HUB_CARD = "README.md"
+# dataset.json's format_version: 2 = shards-only folders, meta/, plain-numeric fp8 / bf16 members
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 log = logging.getLogger("posedata.layout")
 
@@ -89,6 +106,36 @@ _STATUS_IN_MESSAGE = re.compile(r"\((?:5\d\d|429)\)|\b(?:InternalError|ServiceUn
 
 def shard_name(split: str, number: int) -> str:
     return f"{split}-{number:06d}"
+
+
+def relative_source_path(path: str, root: str) -> str:
+    """A source file's path relative to the build's `--root` (POSIX separators), so that no
+    path of the machine that built a dataset ends up in its tables; a path outside the root
+    (none today: sources list files under it) is kept as given."""
+    absolute_root = os.path.abspath(os.path.expanduser(root))
+    absolute = os.path.abspath(path)
+    if absolute == absolute_root or not absolute.startswith(absolute_root.rstrip(os.sep) + os.sep):
+        return path
+    return os.path.relpath(absolute, absolute_root).replace(os.sep, "/")
+
+
+def without_root(text: str, root: str, given: str | None = None) -> str:
+    """`text` (a reason, a note) with the absolute `root` prefix of any path in it removed;
+    the root itself becomes `given` (the root as the user typed it)."""
+    absolute_root = os.path.abspath(os.path.expanduser(root)).rstrip(os.sep)
+    text = text.replace(absolute_root + os.sep, "")
+    return text.replace(absolute_root, given if given is not None else root)
+
+
+def without_root_in(value: Any, root: str) -> Any:
+    """`without_root` on every string inside nested dicts and lists (a source's scan info)."""
+    if isinstance(value, str):
+        return without_root(value, root)
+    if isinstance(value, dict):
+        return {without_root_in(k, root): without_root_in(v, root) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_root_in(v, root) for v in value]
+    return value
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -186,8 +233,25 @@ class DatasetLocation:
     def sidecar(self, folder: str, shard: str) -> str:
         return self.path("features", folder, f"{shard}.tar")
 
+    def feature_meta(self, folder: str, *parts: str) -> str:
+        return self.path(META, "features", folder, *parts)
+
+    def feature_card(self, folder: str) -> str:
+        return self.feature_meta(folder, FEATURE_CARD)
+
     def null_embedding(self, folder: str, output: str) -> str:
+        return self.feature_meta(folder, f"null.{output}.npy")
+
+    def legacy_feature_card(self, folder: str) -> str:
+        """Format 1: inside the feature folder."""
+        return self.path("features", folder, FEATURE_CARD)
+
+    def legacy_null_embedding(self, folder: str, output: str) -> str:
         return self.path("features", folder, f"null.{output}.npy")
+
+    def wids_index(self, folder: str | None, split: str) -> str:
+        """The wids shard index of one split of the base shards (folder None) or a feature."""
+        return self.feature_meta(folder, f"{split}.wids.json") if folder else self.path(META, "shards", f"{split}.wids.json")
 
     def done_marker(self, shard: str) -> str:
         return self.path(DONE, "shards", f"{shard}.parquet")
@@ -259,6 +323,9 @@ class DatasetLocation:
             # writing it again after a failure is safe.
             self._retry("write", path, lambda: self.fs.pipe_file(path, data))
 
+    def size(self, path: str) -> int:
+        return int(self._retry("check", path, lambda: self.fs.size(path)))
+
     def read_json(self, path: str) -> Any:
         return json.loads(self.read_bytes(path))
 
@@ -304,4 +371,12 @@ class DatasetLocation:
         path = self.path(CARD)
         if not self.exists(path):
             raise FileNotFoundError(f"{self.url}: no {CARD} here; is this a posedata dataset (made by `posedata build`)?")
-        return self.read_json(path)
+        card = self.read_json(path)
+        version = card.get("format_version", 1) if isinstance(card, dict) else None
+        if version not in READABLE_FORMATS:
+            raise ValueError(f"{self.url_of(path)}: dataset format {version!r}; this posedata reads formats {', '.join(map(str, READABLE_FORMATS))} (upgrade posedata)")
+        return card
+
+    def existing(self, *paths: str) -> str | None:
+        """The first of `paths` that exists (a format-2 place, then the format-1 one)."""
+        return next((p for p in paths if self.exists(p)), None)

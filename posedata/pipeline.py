@@ -23,16 +23,17 @@ from posedata.extractors.base import NOTES, Extractor, ExtractorError, Sample
 from posedata.images import decode_jpeg_rgb
 from posedata.layout import DatasetLocation
 from posedata.records import STAGE_EXTRACT
-from posedata.shards import decode_output, encode_array, encode_output
-from posedata.storage import encode_float
+from posedata.shards import decode_stored_output, encode_array, encode_stored_output
+from posedata.storage import member_suffixes, output_names
 
 Rows = list[dict[str, Any]]
 
 
 def output_suffixes(extractor: Extractor) -> list[str]:
-    """The files an extractor writes per sample (`keypoints.npy`, `skeleton.png`, ...); its
-    `__call__` returns one dict per image keyed by these suffixes."""
-    return [spec.suffix for spec in extractor.outputs().values()]
+    """The tar members an extractor writes per sample (`keypoints.npy`, `skeleton.png`; an
+    output stored as fp8 / bf16 bit patterns is `embeds.e4m3.npy` + `embeds.scale.npy` /
+    `embeds.bf16.npy`: posedata.storage)."""
+    return [m for spec in extractor.outputs().values() for m in member_suffixes(spec.suffix, spec.dtype)]
 
 
 def feature_column(folder: str, suffix: str) -> str:
@@ -80,8 +81,6 @@ class ExtractorStage:
         self.extractor: Extractor = create_extractor(spec.name, upstream=upstream, **spec.kwargs)
         self.folder = self.extractor.folder
         self.suffixes = output_suffixes(self.extractor)
-        # outputs stored in a dtype numpy lacks (bf16, fp8): packed by posedata.storage
-        self.packed = {s.suffix for s in self.extractor.outputs().values() if s.dtype in ("bfloat16", "float8_e4m3fn")}
         self.extractor.setup("cuda" if torch.cuda.is_available() else "cpu")
         self._write_null_embedding(DatasetLocation(location_url, storage_options))
 
@@ -103,7 +102,8 @@ class ExtractorStage:
             original_size=(int(row["original_height"]), int(row["original_width"])),
         )
         for dep, (folder, suffixes) in self.spec.dependencies.items():
-            sample[dep] = {s: decode_output(s, row[feature_column(folder, s)]) for s in suffixes}
+            members = {s: row[feature_column(folder, s)] for s in suffixes}
+            sample[dep] = {s: decode_stored_output(s, members) for s in output_names(members)}
         return sample
 
     def __call__(self, rows: Rows) -> Rows:
@@ -136,11 +136,9 @@ class ExtractorStage:
                     notes = result.get(NOTES) or []
                     if notes:
                         row["notes"] = json.dumps({**json.loads(row.get("notes") or "{}"), self.spec.name: list(notes)}, sort_keys=True)
-                    for suffix in self.suffixes:
-                        value = result[suffix]
-                        if suffix in self.packed:
-                            value = encode_float(value, self.extractor.dtype, bf16_layout="bits")
-                        row[feature_column(self.folder, suffix)] = encode_output(suffix, value)
+                    for spec in self.extractor.outputs().values():
+                        for member, data in encode_stored_output(spec.suffix, result[spec.suffix], spec.dtype).items():
+                            row[feature_column(self.folder, member)] = data
                     continue
                 except Exception as e:  # noqa: BLE001
                     error = e

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from posedata.layout import MANIFEST, DatasetLocation
-from posedata.shards import decode_array, decode_output
+from posedata.shards import decode_array, decode_stored_output
 
 BASE = "__base__"  # pseudo feature: the base shard (image + meta)
 ON_CORRUPT = ("raise", "skip")
@@ -93,7 +93,9 @@ class Dataset:
         raise KeyError(f"{self.location.url}: no feature {' or '.join(names)}; features here: {', '.join(self.card['features']) or 'none'}")
 
     def null_embedding(self, column: Column, suffix: str) -> np.ndarray:
-        return decode_array(self.location.read_bytes(self.location.null_embedding(column.folder, suffix.removesuffix(".npy"))))
+        output = suffix.removesuffix(".npy")
+        new, old = self.location.null_embedding(column.folder, output), self.location.legacy_null_embedding(column.folder, output)
+        return decode_array(self.location.read_bytes(self.location.existing(new, old) or new))
 
     def shard_keys(self, shard: str) -> list[str]:
         rows = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
@@ -127,10 +129,10 @@ class Dataset:
             sample: dict[str, Any] = {"__key__": want, "__shard__": shard, "split": split, "group": group}
             for (column, path), part in zip(sources, parts):
                 for suffix in column.suffixes:
-                    if suffix not in part:
-                        raise ShardError(f"{self.location.url_of(path)}: sample {want!r} has no {suffix!r}")
                     try:
-                        value = decode_output(suffix, part[suffix])
+                        value = decode_stored_output(suffix, part)
+                    except KeyError:
+                        raise ShardError(f"{self.location.url_of(path)}: sample {want!r} has no {suffix!r}") from None
                     except Exception as e:
                         raise ShardError(f"{self.location.url_of(path)}: cannot decode {want}.{suffix}: {e}") from e
                     if column.alias == BASE:

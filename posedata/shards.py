@@ -17,7 +17,7 @@ import webdataset as wds
 
 from posedata.images import decode_jpeg_rgb, decode_png, encode_png
 from posedata.layout import DatasetLocation
-from posedata.storage import decode_float
+from posedata.storage import decode_float, decode_output_members, encode_members, output_members
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -42,10 +42,45 @@ REJECTS_SCHEMA = pa.schema(
         ("reason", pa.string()),
     ]
 )
+# pairs/<split>.parquet; `split` too, so the folder read as one table keeps it
+PAIRS_SCHEMA = pa.schema([("split", pa.string()), ("source_key", pa.string()), ("target_key", pa.string()), ("shard", pa.string())])
 # The done marker is one table of both kinds of rows, told apart by `status`.
 MARKER_SCHEMA = pa.schema(
     [f for f in MANIFEST_SCHEMA] + [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("notes", pa.string())]
 )
+
+
+def duplicates_across_splits(manifest: pa.Table) -> dict[str, Any]:
+    """The same image (same `source_sha256`) in more than one split: a leak between splits
+    (a test image the model trained on). {"images": distinct images, "samples": manifest rows
+    holding them, "splits": {"test+train": images}, "examples": a few lists of their keys}."""
+    splits_of: dict[str, set[str]] = {}
+    keys_of: dict[str, list[str]] = {}
+    for key, split, sha in zip(manifest["key"].to_pylist(), manifest["split"].to_pylist(), manifest["source_sha256"].to_pylist()):
+        if sha:
+            splits_of.setdefault(sha, set()).add(split)
+            keys_of.setdefault(sha, []).append(key)
+    leaked = [sha for sha, splits in splits_of.items() if len(splits) > 1]
+    by_splits: dict[str, int] = {}
+    for sha in leaked:
+        name = "+".join(sorted(splits_of[sha]))
+        by_splits[name] = by_splits.get(name, 0) + 1
+    return {
+        "images": len(leaked),
+        "samples": sum(len(keys_of[sha]) for sha in leaked),
+        "splits": dict(sorted(by_splits.items())),
+        "examples": [sorted(keys_of[sha]) for sha in sorted(leaked, key=lambda s: min(keys_of[s]))[:5]],
+    }
+
+
+def duplicates_text(duplicates: dict[str, Any]) -> str | None:
+    """One line about `duplicates_across_splits`, or None when there are none."""
+    if not duplicates or not duplicates.get("images"):
+        return None
+    n = duplicates["images"]
+    where = ", ".join(f"{splits}: {count}" for splits, count in duplicates.get("splits", {}).items())
+    example = " = ".join(duplicates["examples"][0]) if duplicates.get("examples") else ""
+    return f"{n} image{'s' if n != 1 else ''} (same sha256) in more than one split ({where}): a leak between splits" + (f"; e.g. {example}" if example else "")
 
 
 def encode_array(array: np.ndarray) -> bytes:
@@ -82,6 +117,25 @@ def decode_output(suffix: str, data: bytes) -> Any:
     if ext in ("jpg", "jpeg"):
         return decode_jpeg_rgb(data)
     return data
+
+
+def decode_stored_output(suffix: str, members: dict[str, bytes]) -> Any:
+    """Output `suffix` (as the card names it: `embeds.npy`, `skeleton.png`) of one sample from
+    its tar members, whatever dtype it was stored in: fp8 / bf16 bit-pattern members
+    (`embeds.e4m3.npy` + `embeds.scale.npy`, `embeds.bf16.npy`) come back as float32.
+    KeyError if the sample has no member for it."""
+    names = output_members(suffix, members)
+    if names is None:
+        raise KeyError(suffix)
+    if names == [suffix]:
+        return decode_output(suffix, members[suffix])
+    return decode_output_members(suffix, {n: np.load(io.BytesIO(members[n]), allow_pickle=False) for n in names})
+
+
+def encode_stored_output(suffix: str, value: Any, dtype_label: str) -> dict[str, bytes]:
+    """Output `suffix` as {member suffix: bytes} for the tar: one member, or the bit-pattern
+    members of an output the extractor declares bfloat16 / float8_e4m3fn."""
+    return {member: encode_output(member, array) for member, array in encode_members(suffix, value, dtype_label).items()} if suffix.endswith(".npy") else {suffix: encode_output(suffix, value)}
 
 
 def tar_bytes(samples: list[dict[str, Any]]) -> bytes:
@@ -131,13 +185,14 @@ def _manifest_row(r: dict[str, Any], shard: str, index: int, status: str) -> dic
         "group": r["group"],
         "shard": shard,
         "index": index,
-        "source_path": r["path"],
+        # relative to --root (build.task_rows): no path of the building machine in the tables
+        "source_path": r.get("source_path") or r["path"],
         "source_sha256": r.get("sha256") or "",
         "original_width": int(r.get("original_width") or 0),
         "original_height": int(r.get("original_height") or 0),
         "status": status,
         "stage": r.get("stage") or "",
-        "reason": r.get("reason") or "",
+        "reason": (r.get("reason") or "").replace(r["path"], r["source_path"]) if r.get("source_path") else (r.get("reason") or ""),
         # extractor notes about this sample, JSON {feature spec: [notes]} ("no person")
         "notes": r.get("notes") or "",
     }

@@ -22,6 +22,12 @@ What is checked (on any fsspec URL):
   such as M are free but must agree between the outputs of one sample); float arrays hold
   no NaN or inf. Null embeddings decode and are finite. Features added by `posedata extend`
   have a done marker per shard.
+- Format 2 (posedata.layout): feature folders and `shards/` hold only shards; every folder
+  has a wids index per split (`meta/.../<split>.wids.json`) whose shards, sample counts and
+  sizes are right; `README.md` (the dataset card for HF datasets) names every folder;
+  `manifest.parquet` holds no absolute source path; `pairs/` tables carry their split. fp8 /
+  bf16 outputs are the plain-numeric members the card lists (`embeds.e4m3.npy` uint8 +
+  `embeds.scale.npy`, `embeds.bf16.npy` uint16).
 - No `.tmp-*` files are left over from an interrupted write, and no feature folder or
   sidecar exists that the card does not know of.
 
@@ -41,10 +47,10 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from posedata.extend import FEATURE_CARD, feature_done_marker
-from posedata.layout import CARD, DONE, MANIFEST, REJECTS, DatasetLocation
-from posedata.shards import MANIFEST_SCHEMA, decode_output
-from posedata.storage import decode_float, is_bf16_bits, is_fp8
+from posedata.extend import feature_done_marker
+from posedata.layout import CARD, DONE, FEATURE_CARD, HUB_CARD, MANIFEST, META, REJECTS, DatasetLocation
+from posedata.shards import MANIFEST_SCHEMA, decode_output, decode_stored_output
+from posedata.storage import card_members, decode_float, is_bf16_bits, is_fp8
 
 # More problems than this in one file are counted, not listed.
 MAX_PROBLEMS_PER_FILE = 20
@@ -181,6 +187,7 @@ class _Verifier:
         if not self.check_card_fields(card_path):
             return self.report
         self.height, self.width = (int(v) for v in card["resolution"])
+        self.format = card.get("format_version", 1)
 
         shard_split = {shard: split for split, info in card["splits"].items() for shard in info.get("shards", [])}
         manifest_keys = self.check_tables(shard_split)
@@ -188,6 +195,7 @@ class _Verifier:
         extended = self.extended_folders(folders)
         for folder in folders:
             self.check_feature_folder(folder)
+        self.check_peer_files(shard_split, manifest_keys, folders)
 
         from tqdm.auto import tqdm
 
@@ -240,6 +248,10 @@ class _Verifier:
             self.problem(manifest_path, f"no column {', '.join(absent)}")
             return None
         keys = manifest["key"].to_pylist()
+        if self.format >= 2:
+            absolute = [(k, p) for k, p in zip(keys, manifest["source_path"].to_pylist()) if p and (p.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", p))]
+            for key, source_path in absolute[:MAX_PROBLEMS_PER_FILE]:
+                self.problem(manifest_path, f"source_path {source_path!r} is absolute (a path of the building machine; format 2 stores it relative to the source root)", key=key)
         splits = manifest["split"].to_pylist()
         shards = manifest["shard"].to_pylist()
         indexes = manifest["index"].to_pylist()
@@ -282,10 +294,14 @@ class _Verifier:
             table = self.read_table(path, f"the pairs of split {split!r}")
             if table is None:
                 continue
-            absent = [c for c in ("source_key", "target_key", "shard") if c not in table.column_names]
+            absent = [c for c in ("source_key", "target_key", "shard") + (("split",) if self.format >= 2 else ()) if c not in table.column_names]
             if absent:
                 self.problem(path, f"no column {', '.join(absent)}")
                 continue
+            if "split" in table.column_names:
+                other = sorted({v for v in table["split"].to_pylist() if v != split}, key=str)
+                if other:
+                    self.problem(path, f"split column holds {', '.join(map(repr, other))}, not only {split!r}")
             if info.get("pairs") is not None and len(table) != info["pairs"]:
                 self.problem(path, f"{len(table)} pairs, dataset.json says {info['pairs']}")
             for a, b, shard in zip(table["source_key"].to_pylist(), table["target_key"].to_pylist(), table["shard"].to_pylist()):
@@ -351,17 +367,68 @@ class _Verifier:
         if not any(p.startswith(directory + "/") for p in self.listing) and not loc.exists(directory):
             self.problem(directory, f"missing: dataset.json lists feature {folder}")
             return
-        feature_json = loc.path("features", folder, FEATURE_CARD)
-        if self.exists(feature_json):
+        # feature.json and null embeddings: meta/features/<folder>/ (format 2) or, format 1,
+        # inside the feature folder
+        meta = loc.feature_meta(folder)
+        for feature_json in (loc.feature_card(folder), loc.legacy_feature_card(folder)):
+            if not self.exists(feature_json):
+                continue
             recorded = self.read_json(feature_json, "the feature's card")
             if recorded is not None:
                 for k in ("name", "fingerprint", "folder", "outputs"):
                     if k in recorded and recorded[k] != feature.get(k):
                         self.problem(feature_json, f"{k} is {recorded[k]!r}, dataset.json says {feature.get(k)!r}")
-        for path in sorted(p for p in self.listing if p.startswith(directory + "/null.") and p.endswith(".npy")):
+        nulls = sorted(p for p in self.listing if (p.startswith(meta + "/null.") or p.startswith(directory + "/null.")) and p.endswith(".npy"))
+        for path in nulls:
             self.check_null(path, folder)
-        if feature.get("fingerprint_inputs", {}).get("null_embedding") and not any(p.startswith(directory + "/null.") for p in self.listing):
-            self.problem(directory, f"no null embedding (null.<output>.npy), though the card says it has one: {feature['fingerprint_inputs']['null_embedding']}")
+        if feature.get("fingerprint_inputs", {}).get("null_embedding") and not nulls:
+            self.problem(meta if self.format >= 2 else directory, f"no null embedding (null.<output>.npy), though the card says it has one: {feature['fingerprint_inputs']['null_embedding']}")
+
+    def check_peer_files(self, shard_split: dict[str, str], manifest_keys: dict[str, list[str]] | None, folders: list[str]) -> None:
+        """The files other tools read a dataset by: one wids index per folder and split (shards
+        and sample counts right; sizes are not compared: a damaged tar is the tar's problem) and README.md, the dataset card for HF datasets. Required from
+        format 2 on; a format 1 dataset's indexes are checked where present."""
+        loc = self.location
+        counts = {shard: len(keys) for shard, keys in (manifest_keys or {}).items()}
+        for folder in [None, *folders]:
+            if folder is not None and folder not in self.card["features"]:
+                continue
+            for split, info in self.card["splits"].items():
+                shards = list(info.get("shards") or [])
+                index = loc.wids_index(folder, split)
+                if not shards or (self.format < 2 and not self.exists(index)):
+                    continue
+                what = f"wids index of split {split!r} of " + (f"feature {folder}" if folder else "the base shards")
+                value = self.read_json(index, what)
+                if value is None:
+                    continue
+                listed = value.get("shardlist") if isinstance(value, dict) else None
+                if not isinstance(listed, list):
+                    self.problem(index, "no shardlist: not a wids index")
+                    continue
+                want = [loc.base_shard(s) if folder is None else loc.sidecar(folder, s) for s in shards]
+                got = [posixpath.normpath(posixpath.join(posixpath.dirname(index), str(entry.get("url", "")))) for entry in listed]
+                if got != want:
+                    self.problem(index, f"lists {len(got)} shards ({', '.join(posixpath.basename(g) for g in got[:3])}...), the card {len(want)} of split {split!r}")
+                    continue
+                for shard, path, entry in zip(shards, want, listed):
+                    if manifest_keys is not None and entry.get("nsamples") != counts.get(shard, 0):
+                        self.problem(index, f"says {entry.get('nsamples')} samples in {posixpath.basename(path)}, the manifest {counts.get(shard, 0)}", shard)
+        readme = loc.path(HUB_CARD)
+        if self.format < 2 and not self.exists(readme):
+            return
+        if not self.exists(readme):
+            self.problem(readme, "missing (the dataset card HF datasets reads: one config per folder)")
+            return
+        text = loc.read_bytes(readme).decode("utf-8", "replace")
+        self.report.checked["card"] += 1
+        from posedata.interop import GENERATED_MARK
+
+        if GENERATED_MARK not in text:
+            return  # the user's own README: theirs to keep right
+        for folder in self.card["features"]:
+            if f"features/{folder}/" not in text:
+                self.problem(readme, f"no config for feature {folder} (run `posedata extend` or rebuild to rewrite it)")
 
     def check_null(self, path: str, folder: str) -> None:
         output = posixpath.basename(path)[len("null."):]
@@ -379,9 +446,13 @@ class _Verifier:
         if spec and spec["shape"] and isinstance(spec["shape"][0], str) and len(spec["shape"]) == value.ndim + 1:
             # a per-item output ([M, D] region embeddings) has the null embedding of one item
             spec = dict(spec, shape=spec["shape"][1:])
+        if spec and (spec.get("members") or spec.get("dtype") in ("bfloat16", "float8_e4m3fn")):
+            # null embeddings are written as the extractor returns them, never as bit
+            # patterns: a bf16 / fp8 feature's null embedding is a plain float array
+            if value.dtype not in (np.float16, np.float32):
+                self.problem(path, f"null embedding: dtype {value.dtype}, not float16 or float32")
+            spec = dict(spec, dtype=None)
         if spec:
-            # stored=None: null embeddings are written as the extractor returns them, not
-            # packed, so a bf16 / fp8 feature's null embedding is a plain float32 array
             for message in self.check_value(output, value, None, spec, {}):
                 self.problem(path, f"null embedding: {message}")
 
@@ -427,30 +498,45 @@ class _Verifier:
             self.problem(path, message, shard, key)
 
     def check_sample(self, path: str, shard: str, key: str, members: dict[str, bytes], outputs: dict[str, Any], folder: str | None) -> None:
-        for suffix in outputs:
-            if suffix not in members:
-                self.problem(path, f"no {suffix!r} member", shard, key)
-        for suffix in members:
-            if suffix not in outputs:
-                self.problem(path, f"unexpected member {key}.{suffix} (not an output the card lists)", shard, key)
+        # an output is one member under its own name, or the members its card entry lists
+        # (fp8 / bf16 bit patterns: posedata.storage)
+        expected = {suffix: list(spec.get("members") or [suffix]) for suffix, spec in outputs.items()}
+        known = {m for names in expected.values() for m in names}
+        for names in expected.values():
+            for name in names:
+                if name not in members:
+                    self.problem(path, f"no {name!r} member", shard, key)
+        for name in members:
+            if name not in known:
+                self.problem(path, f"unexpected member {key}.{name} (not an output the card lists)", shard, key)
         symbols: dict[str, int] = {}
-        for suffix, data in members.items():
-            if suffix not in outputs:
+        for suffix, names in expected.items():
+            if any(name not in members for name in names):
                 continue
             if folder is None:
-                message = self.check_base_member(suffix, data, key)
+                message = self.check_base_member(suffix, members[suffix], key)
                 self.report.checked["images" if suffix == "jpg" else "metadata"] += 1
                 if message:
                     self.problem(path, f"{suffix}: {message}", shard, key)
                 continue
+            spec = outputs[suffix]
             try:
-                stored = np.load(io.BytesIO(data), allow_pickle=False) if suffix.endswith(".npy") else None
-                value = decode_float(stored) if stored is not None else decode_output(suffix, data)
+                loaded = {name: np.load(io.BytesIO(members[name]), allow_pickle=False) for name in names if name.endswith(".npy")}
+                stored = loaded.get(suffix)  # format 1 packed bf16 / fp8, or a plain array
+                value = decode_stored_output(suffix, {name: members[name] for name in names})
             except Exception as e:
-                self.problem(path, f"{suffix}: does not decode: {_short(e)}", shard, key)
+                self.problem(path, f"{'+'.join(names)}: does not decode: {_short(e)}", shard, key)
                 continue
             self.report.checked["arrays"] += 1
-            for message in self.check_value(suffix, value, stored, outputs[suffix], symbols):
+            for name, member_spec in (spec.get("members") or {}).items():
+                array = loaded.get(name)
+                if array is not None and str(array.dtype) != member_spec.get("dtype"):
+                    self.problem(path, f"{name}: dtype {array.dtype}, the card says {member_spec.get('dtype')}", shard, key)
+                if array is not None and isinstance(member_spec.get("shape"), list):
+                    message = self.check_shape(tuple(array.shape), member_spec["shape"], symbols)
+                    if message:
+                        self.problem(path, f"{name}: {message}", shard, key)
+            for message in self.check_value(suffix, value, stored, spec, symbols):
                 self.problem(path, f"{suffix}: {message}", shard, key)
 
     def check_base_member(self, suffix: str, data: bytes, key: str) -> str | None:
@@ -533,23 +619,29 @@ class _Verifier:
         if shard_split is None or self.only is not None:
             return
         features_dir = loc.path("features") + "/"
+        meta_dir = loc.path(META, "features") + "/"
         for path in sorted(self.listing.difference(leftovers)):
-            if not path.startswith(features_dir):
-                continue
-            rest = path[len(features_dir):].split("/")
-            if len(rest) != 2:
-                continue
-            folder, name = rest
-            if folder not in self.card["features"]:
-                if name == FEATURE_CARD:
-                    self.problem(path, f"feature folder {folder} is not in dataset.json (an unfinished `posedata extend`?)")
-            elif name.endswith(".tar") and name[: -len(".tar")] not in shard_split:
-                self.problem(path, f"sidecar of {name[: -len('.tar')]!r}, which is not a shard of this dataset", name[: -len(".tar")])
+            for prefix in (features_dir, meta_dir):
+                if not path.startswith(prefix):
+                    continue
+                rest = path[len(prefix):].split("/")
+                if len(rest) != 2:
+                    continue
+                folder, name = rest
+                if folder not in self.card["features"]:
+                    if name == FEATURE_CARD:
+                        self.problem(path, f"feature folder {folder} is not in dataset.json (an unfinished `posedata extend`?)")
+                elif prefix == features_dir and name.endswith(".tar") and name[: -len(".tar")] not in shard_split:
+                    self.problem(path, f"sidecar of {name[: -len('.tar')]!r}, which is not a shard of this dataset", name[: -len(".tar")])
+                elif prefix == features_dir and self.format >= 2 and not name.endswith(".tar"):
+                    self.problem(path, "not a shard: format 2 keeps only shards in a feature folder (tools read every file there as one); its place is meta/")
         for path in sorted(self.listing.difference(leftovers)):
             if path.startswith(loc.path("shards") + "/") and path.endswith(".tar"):
                 shard = posixpath.basename(path)[: -len(".tar")]
                 if shard not in shard_split:
                     self.problem(path, f"base shard {shard!r} is not in dataset.json", shard)
+            elif path.startswith(loc.path("shards") + "/") and self.format >= 2:
+                self.problem(path, "not a shard: format 2 keeps only shards in shards/ (tools read every file there as one)")
 
 
 # ---- tar reading --------------------------------------------------------------------------------

@@ -45,14 +45,15 @@ def dataset(built, tmp_path) -> Path:
 
 
 def test_extend_adds_sidecars_and_touches_nothing_that_exists(dataset):
-    before = digests(dataset, skip={"dataset.json"})
+    # dataset.json and the dataset card README.md made from it are the only files rewritten
+    before = digests(dataset, skip={"dataset.json", "README.md"})
     result = run("extend", str(dataset), "--features", "clip_regions,vae:sd15", "--weights", "tiny", "--executor", "local")
     assert result.exit_code == 0, result.output
 
-    after = digests(dataset, skip={"dataset.json"})
+    after = digests(dataset, skip={"dataset.json", "README.md"})
     assert {k: after[k] for k in before} == before, "an existing file changed"
     added = set(after) - set(before)
-    assert all(p.startswith(("features/", "_done/features/")) for p in added), added
+    assert all(p.startswith(("features/", "meta/features/", "_done/features/")) for p in added), added
     card = json.loads((dataset / "dataset.json").read_text())
     specs = sorted(f["spec"] for f in card["features"].values())
     # clip_regions needs parsing, which the dataset lacked: it was added too, first.
@@ -64,7 +65,10 @@ def test_extend_adds_sidecars_and_touches_nothing_that_exists(dataset):
     sample = next(ds.samples("train", ["vae:sd15", "clip_regions", "clip"]))
     assert sample["vae.mean"].shape == (4, 8, 6) and sample["vae.mean"].dtype == np.float16
     assert sample["clip_regions.embeds"].shape[0] == len(sample["clip_regions.classes"])
-    assert (dataset / "features" / ds.column("vae:sd15").folder / "null.black_mean.npy").is_file()
+    folder = ds.column("vae:sd15").folder
+    assert (dataset / "meta" / "features" / folder / "null.black_mean.npy").is_file()
+    assert (dataset / "meta" / "features" / folder / "train.wids.json").is_file()
+    assert f"features/{folder}/train-*.tar" in (dataset / "README.md").read_text()  # a config in the dataset card
 
 
 def test_extend_with_a_fingerprint_already_there_is_a_noop_that_says_so(dataset):

@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from click.testing import CliRunner
@@ -240,7 +241,7 @@ def test_card_with_an_edited_fingerprint(ds):
     messages = [p.message for p in report.problems if p.url == url(ds / "dataset.json")]
     assert any(f"give the folder clip@0123456789ab, not {folder}" in m for m in messages)
     assert any("fingerprint inputs hash to" in m for m in messages)
-    feature_json = folder_of(ds, "clip") / "feature.json"
+    feature_json = ds / "meta" / "features" / folder / "feature.json"
     assert any("fingerprint is" in p.message for p in problems_in(report, feature_json))
 
 
@@ -288,37 +289,116 @@ def test_verify_reads_any_fsspec_url(built):
         memory.rm("/verify-test", recursive=True)
 
 
-def test_packed_fp8_and_bf16_arrays_decode(ds):
-    """Outputs declared bfloat16 / float8_e4m3fn are packed (posedata.storage) and decode to
-    float32; a plain array where the card says fp8 is reported."""
-    from posedata.storage import encode_float
+def test_fp8_and_bf16_members_decode_and_their_dtypes_are_checked(ds):
+    """Outputs declared bfloat16 / float8_e4m3fn are stored as plain-numeric members
+    (posedata.storage: `embeds.bf16.npy`; `embeds.e4m3.npy` + `embeds.scale.npy`) that the
+    card lists; they decode, and a member of another dtype is reported."""
+    from posedata.storage import card_output, encode_members
 
     clip = folder_of(ds, "clip")
     path = clip / "train-000001.tar"
+    originals = {shard: (clip / f"{shard}.tar").read_bytes() for shard in SHARDS}
     card = json.loads((ds / "dataset.json").read_text())
-    feature = json.loads((clip / "feature.json").read_text())
-    for declared, dtype in (("bfloat16", "bf16"), ("float8_e4m3fn", "fp8")):
+    feature_json = ds / "meta" / "features" / clip.name / "feature.json"
+    feature = json.loads(feature_json.read_text())
+    for declared in ("bfloat16", "float8_e4m3fn"):
         for c in (card["features"][clip.name], feature):
-            c["outputs"]["embeds.npy"]["dtype"] = declared
+            c["outputs"]["embeds.npy"] = card_output("embeds.npy", declared, [32])
         (ds / "dataset.json").write_text(json.dumps(card))
-        (clip / "feature.json").write_text(json.dumps(feature))
+        feature_json.write_text(json.dumps(feature))
 
-        def pack(samples, dtype=dtype):
+        def pack(samples, declared=declared):
             for sample in samples:
-                sample["embeds.npy"] = encode_array(encode_float(decode_array(sample["embeds.npy"]), dtype, "bits"))
+                value = decode_array(sample.pop("embeds.npy"))
+                sample.update({m: encode_array(a) for m, a in encode_members("embeds.npy", value, declared).items()})
 
-        for shard in SHARDS:
+        for shard, data in originals.items():
+            (clip / f"{shard}.tar").write_bytes(data)
             rewrite(clip / f"{shard}.tar", pack)
         report = verify(str(ds), features=["clip"], progress=False)
         assert report.ok, format_report(report)
+        assert report.checked["arrays"] == 5
+        assert next(Dataset(str(ds)).samples("train", ["clip"]))["clip.embeds"].dtype == np.float32
+
+    def wrong(samples):
+        samples[0]["embeds.e4m3.npy"] = encode_array(np.zeros(32, dtype=np.int16))
+
+    rewrite(path, wrong)
+    (problem,) = verify(str(ds), features=["clip"], progress=False).problems
+    assert (problem.url, problem.key) == (url(path), SHARDS["train-000001"][0])
+    assert "embeds.e4m3.npy: dtype int16, the card says uint8" in problem.message
+
+
+def test_format_1_packed_arrays_still_verify(ds):
+    """Datasets of format 1 stored fp8 / bf16 as one structured .npy under the output's name,
+    and feature.json / null embeddings inside the feature folder: still read and checked."""
+    from posedata.storage import encode_float
+
+    downgrade_to_format_1(ds)
+    clip = folder_of(ds, "clip")
+    card = json.loads((ds / "dataset.json").read_text())
+    card["features"][clip.name]["outputs"]["embeds.npy"]["dtype"] = "float8_e4m3fn"
+    (ds / "dataset.json").write_text(json.dumps(card))
+    feature = json.loads((clip / "feature.json").read_text())
+    feature["outputs"]["embeds.npy"]["dtype"] = "float8_e4m3fn"
+    (clip / "feature.json").write_text(json.dumps(feature))
+    for shard in SHARDS:
+        rewrite(clip / f"{shard}.tar", lambda samples: [s.update({"embeds.npy": encode_array(encode_float(decode_array(s["embeds.npy"]), "fp8"))}) for s in samples])
+    report = verify(str(ds), progress=False)
+    assert report.ok, format_report(report)
+    sample = next(Dataset(str(ds)).samples("train", ["clip"]))
+    assert sample["clip.embeds"].dtype == np.float32 and sample["clip.embeds"].shape == (32,)
+    assert Dataset(str(ds)).null_embedding(Dataset(str(ds)).column("clip"), "embeds.npy").shape == (32,)
 
     def plain(samples):
         samples[0]["embeds.npy"] = encode_array(np.zeros(32, dtype=np.float16))
 
-    rewrite(path, plain)
+    rewrite(clip / "train-000001.tar", plain)
     (problem,) = verify(str(ds), features=["clip"], progress=False).problems
-    assert (problem.url, problem.key) == (url(path), SHARDS["train-000001"][0])
     assert "stored as float16, the card says packed fp8" in problem.message
+
+
+def downgrade_to_format_1(root: Path) -> None:
+    """Turn a format-2 dataset into the format-1 layout: feature.json and null embeddings
+    back inside the feature folders, no meta/, no README.md, pairs without `split`."""
+    import pyarrow.parquet as pq
+
+    for meta in (root / "meta" / "features").iterdir():
+        for f in meta.iterdir():
+            if not f.name.endswith(".wids.json"):
+                shutil.move(str(f), root / "features" / meta.name / f.name)
+    shutil.rmtree(root / "meta")
+    (root / "README.md").unlink()
+    for pairs in (root / "pairs").glob("*.parquet"):
+        pq.write_table(pq.read_table(pairs).drop_columns(["split"]), pairs)
+    card = json.loads((root / "dataset.json").read_text())
+    card["format_version"] = 1
+    (root / "dataset.json").write_text(json.dumps(card))
+
+
+def test_format_2_layout_problems_are_named(ds):
+    """Only shards in the folders tools read, a wids index per folder and split with the
+    right counts, the dataset card, no absolute source path in the manifest."""
+    clip = folder_of(ds, "clip")
+    (clip / "notes.txt").write_text("hi")
+    index = ds / "meta" / "features" / clip.name / "train.wids.json"
+    wids = json.loads(index.read_text())
+    wids["shardlist"][1]["nsamples"] = 4
+    index.write_text(json.dumps(wids))
+    (ds / "meta" / "shards" / "train.wids.json").unlink()
+    location = DatasetLocation(str(ds))
+    manifest = location.read_parquet(location.path("manifest.parquet"))
+    paths = manifest["source_path"].to_pylist()
+    assert not any(p.startswith("/") for p in paths)  # as built: relative to --root
+    column = manifest.column_names.index("source_path")
+    location.write_parquet(location.path("manifest.parquet"), manifest.set_column(column, "source_path", pa.array(["/home/me/" + p for p in paths])))
+    report = verify(str(ds), progress=False)
+    assert "not a shard" in " ".join(p.message for p in problems_in(report, clip / "notes.txt"))
+    assert "says 4 samples in train-000001.tar, the manifest 3" in " ".join(p.message for p in problems_in(report, index))
+    assert problems_in(report, ds / "meta" / "shards" / "train.wids.json")
+    assert "is absolute" in " ".join(p.message for p in problems_in(report, ds / "manifest.parquet"))
+    (ds / "README.md").unlink()
+    assert "missing" in " ".join(p.message for p in problems_in(verify(str(ds), progress=False), ds / "README.md"))
 
 
 def test_features_added_by_extend_need_their_done_markers(ds):

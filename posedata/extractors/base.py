@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from posedata.storage import card_output
+
 WEIGHTS_MODES = ("pretrained", "random", "tiny")
 
 # Key of the optional per-sample notes in an extractor's result dict.
@@ -168,10 +170,8 @@ class Extractor:
             "model": self.model_label(),
             "dtype": self.dtype,
             "requires": list(self.requires),
-            "outputs": {
-                s.suffix: {"dtype": s.dtype, "shape": list(s.shape), "description": s.description}
-                for s in self.outputs().values()
-            },
+            # bf16 / fp8 outputs list the plain-numeric members that hold them (posedata.storage)
+            "outputs": {s.suffix: card_output(s.suffix, s.dtype, s.shape, s.description) for s in self.outputs().values()},
             "fingerprint_inputs": self.fingerprint_inputs(),
         }
 
