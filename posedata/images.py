@@ -245,9 +245,11 @@ def encode_png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# np.array, not np.asarray: asarray of a PIL image is read-only, and torch's DataLoader
+# warns ("The given NumPy array is not writable") when it makes tensors of such arrays.
 def decode_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
+    return np.array(Image.open(io.BytesIO(data)))
 
 
 def decode_jpeg_rgb(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    return np.array(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -8,6 +8,7 @@ from typing import Any
 
 from posedata.layout import REJECTS
 from posedata.reader import Dataset
+from posedata.shards import duplicates_across_splits, duplicates_text
 
 
 def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
@@ -30,10 +31,17 @@ def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
         )
         if info.get("pairs_dropped"):
             lines.append(f"           {info['pairs_dropped']} listed pairs dropped (an image was rejected or missing)")
+        if not info.get("pairs"):
+            why = "every group holds a single image (see --group-regex)" if str(info.get("pairs_origin", "")).startswith("generated") else "no listed pair has both images here"
+            lines.append(f"           0 pairs: {why}; plugins that train on pairs cannot use split {split!r}")
+    # the card's count (builds since format 2), else counted from the manifest
+    leak = duplicates_text(card["duplicates_across_splits"] if "duplicates_across_splits" in card else duplicates_across_splits(ds.manifest))
+    if leak:
+        lines.append(f"  duplicates {leak}")
     lines += ["", "features"]
     sizes = _feature_sizes(loc, card)
     for folder, feat in card["features"].items():
-        outputs = ", ".join(f"{s} {o['dtype']} {o['shape']}" for s, o in feat["outputs"].items())
+        outputs = ", ".join(_output_text(s, o) for s, o in feat["outputs"].items())
         size = sizes.get(folder)
         per_sample = f"{size / max(1, card['counts']['written']) / 1024:.1f} KiB/sample" if size is not None else "?"
         label = feat.get("spec") or feat["name"]
@@ -55,6 +63,14 @@ def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
         if len(by_reason) > 30:
             lines.append(f"  ... {len(by_reason) - 30} more distinct reasons (read rejects.parquet)")
     return "\n".join(lines)
+
+
+def _output_text(suffix: str, output: dict[str, Any]) -> str:
+    """`embeds.npy float16 [1024]`; fp8 / bf16: the precision and the members that hold it."""
+    if not output.get("members"):
+        return f"{suffix} {output['dtype']} {output['shape']}"
+    members = " + ".join(f"{m} {d['dtype']}" for m, d in output["members"].items())
+    return f"{suffix} {output.get('precision')} {output['shape']} (as {members})"
 
 
 def _feature_sizes(loc, card) -> dict[str, int]:

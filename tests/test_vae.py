@@ -170,7 +170,7 @@ def test_null_embedding_is_the_black_image_posterior(tiny32):
 
 
 def test_build_writes_readable_null_names(tmp_path, tiny):
-    """ExtractorStage writes each null output as features/<folder>/null.<name>.npy; plugins
+    """ExtractorStage writes each null output as meta/features/<folder>/null.<name>.npy; plugins
     ask for them as `vae.black_mean` / `vae.black_std`."""
     try:
         from posedata.pipeline import ExtractorStage
@@ -181,7 +181,7 @@ def test_build_writes_readable_null_names(tmp_path, tiny):
 
     location = DatasetLocation(str(tmp_path))
     ExtractorStage._write_null_embedding(types.SimpleNamespace(extractor=tiny, folder=tiny.folder), location)
-    folder = tmp_path / "features" / tiny.folder
+    folder = tmp_path / "meta" / "features" / tiny.folder
     assert sorted(p.name for p in folder.iterdir()) == ["null.black_mean.npy", "null.black_std.npy"]
     stored = decode_array((folder / "null.black_mean.npy").read_bytes())
     assert stored.shape == LATENT and stored.dtype == np.float16
