@@ -295,3 +295,22 @@ def test_dataloader_workers_split_the_stream_without_duplicates(built):
     got = list(loader)
 
     assert Counter(got) == table_pairs(ds, "train")
+
+
+def test_arrays_reach_a_dataloader_writable_without_a_warning(built):
+    """Decoded images and arrays are writable: torch's default collate makes tensors of them
+    without "The given NumPy array is not writable"."""
+    import warnings
+
+    ds = Dataset(str(built))
+    stream = PairStream(ds, "train", ["clip", "keypoints_annotated"], pixels=True, seed=0, epochs=1)
+    loader = torch.utils.data.DataLoader(
+        torch_pairs(stream), batch_size=2, collate_fn=lambda pairs: torch.utils.data.default_collate([p["source"]["image"] for p in pairs])
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = next(iter(loader))
+    assert batch.shape == (2, 128, 64, 3)
+    assert not [w for w in caught if "not writable" in str(w.message)]
+    sample = next(ds.samples("train", needs=["clip"], pixels=True))
+    assert sample["image"].flags.writeable and sample["clip.embeds"].flags.writeable
