@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from posedata.errors import PosedataError
 from posedata.eval import metrics as M
 from posedata.eval.masks import body_mask
-from posedata.eval.networks import EVAL_WEIGHTS, FidNetwork, lpips_network
+from posedata.eval.networks import EVAL_WEIGHTS, FidNetwork, lpips_network, weight_file
 from posedata.eval.protocol import METRICS, Protocol, create_protocol
 from posedata.reader import Dataset
 
@@ -39,6 +39,7 @@ SAMPLES_COLUMNS = ("source_key", "target_key", "file")
 METRICS_FILE = "metrics.json"
 SHEET_FILE = "metrics_sheet.png"
 POSE = ("keypoints_annotated", "openpose")  # the target pose the body masks are drawn from
+WEIGHT_ROLES = {"lpips": "alexnet", "mask_lpips": "alexnet", "fid": "inception", "fid_tf": "tf_inception"}
 HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mask_ssim": True, "lpips": False, "mask_lpips": False, "fid": False, "fid_tf": False}
 
 
@@ -78,6 +79,9 @@ def evaluate(
     market = (dataset.card.get("source") or {}).get("name") == "market1501"
     wanted, notes = choose_metrics(proto, metrics, market, dataset, weights, seed)
 
+    if weights == "pretrained":  # every missing weight file now, before any work
+        for role in sorted({WEIGHT_ROLES[m] for m in wanted if m in WEIGHT_ROLES}):
+            weight_file(role)
     keys = {k for p in pairs for k in (p["source_key"], p["target_key"])}
     stored = stored_samples(dataset, keys, need_pose=any(m.startswith("mask_") for m in wanted))
     wrong_split = [p["target_key"] for p in pairs if stored[p["target_key"]]["split"] != split]
