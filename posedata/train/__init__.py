@@ -10,6 +10,7 @@ REGISTRY: dict[str, str] = {
     "pcdm-prior": "posedata.train.pcdm_prior:PcdmPriorPlugin",
     "pcdm-inpaint": "posedata.train.pcdm_inpaint:PcdmInpaintPlugin",
     "pcdm-refine": "posedata.train.pcdm_refine:PcdmRefinePlugin",
+    "reposedm": "posedata.train.reposedm:RePoseDMPlugin",
     "truepose": "posedata.train.truepose:TruePosePlugin",
     "imagpose": "posedata.train.imagpose:ImagPosePlugin",
 }
