@@ -258,3 +258,20 @@ def test_sample_is_deterministic_and_guided(data):
     assert not model.state.source  # nothing left behind for the next forward pass
     with pytest.raises(ValueError, match="uncond"):
         run(uncond="zeros")
+
+
+def test_cli_train_then_sample_writes_samples_at_the_stored_size(dataset, tmp_path):
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli_main, ["train", "truepose", "--shards", str(dataset), "--out", str(run), "--weights", "tiny",
+                                           "--max-steps", "2", "--batch-size", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "samples"
+    result = CliRunner().invoke(cli_main, ["sample", "truepose", "--shards", str(dataset), "--split", "train", "--run", str(run),
+                                           "--out", str(out), "--limit", "2", "--steps", "2"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out / "samples.parquet").to_pylist()
+    assert len(rows) == 2 and {"source_key", "target_key", "file"} <= set(rows[0])
+    assert all(Image.open(out / r["file"]).size == (W, H) for r in rows) and (out / "sheet.png").is_file()

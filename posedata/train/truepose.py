@@ -267,6 +267,8 @@ def truepose_presets() -> dict[str, Preset]:
 
 
 class TruePosePlugin(UNetPlugin):
+    """TruePose: SourceNet + TargetNet with parsing-guided fusion attention and CLIP-guided alignment."""
+
     name = "truepose"
     needs = ("vae:sd15", "parsing", "clip_regions", ("openpose", "keypoints_annotated"))
     needs_pixels = False
