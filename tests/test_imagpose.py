@@ -24,6 +24,7 @@ from posedata.train import plugin_class
 from posedata.train.imagpose import STAGE_PARTS, TINY_UNET, ImagPosePlugin, run_model_path
 from posedata.train.imagpose_model import (
     ImagPoseModel,
+    across_tiles,
     cva_targets,
     from_canvas,
     motion_adapter_config,
@@ -138,6 +139,41 @@ def test_paper_size_model_matches_the_official_parameter_counts():
     block = motion.transformer_blocks[0]
     assert (motion.norm.num_groups, block.attn1.heads, block.attn2.heads, type(block.ff.net[0]).__name__) == (32, 8, 8, "GEGLU")
     assert block.attn2.is_cross_attention is False and block.pos_embed is not None  # two temporal self-attentions, sinusoidal PE
+
+
+def test_cva_runs_diffusers_motion_layers_with_a_per_tile_group_norm():
+    torch.manual_seed(0)
+    adapter = MotionAdapter(block_out_channels=(16, 16, 16, 16), motion_layers_per_block=1, motion_num_attention_heads=2, motion_norm_num_groups=8)
+    motion = adapter.down_blocks[0].motion_modules[0]
+    for p in motion.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 4, 16, 3, 5)
+    same = x[:, :1].expand(2, 4, 16, 3, 5).contiguous()  # equal tiles: per-tile and joint norm agree
+    reference = motion(same.reshape(8, 16, 3, 5), num_frames=4).reshape(2, 4, 16, 3, 5)
+    assert torch.allclose(across_tiles(motion, same), reference, atol=1e-5)  # same layers, same order as diffusers
+    block = motion.transformer_blocks[0]
+    with torch.no_grad():  # attention and feed-forward silent: what is left is norm -> proj -> residual, per tile
+        for linear in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[2]):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    y = x.clone()
+    y[:, 1] *= 5
+    assert torch.equal(across_tiles(motion, x)[:, 0], across_tiles(motion, y)[:, 0])  # official: (b f) c h w GroupNorm
+    assert not torch.allclose(across_tiles(motion, x)[:, 1], across_tiles(motion, y)[:, 1])
+
+
+def test_official_min_snr_weight_adds_one_before_clipping(ds256):
+    from posedata.train.diffusion import NoisedBatch
+    from diffusers.training_utils import compute_snr
+
+    plugin = ImagPosePlugin(Dataset(str(ds256)).card, weights="tiny")
+    t = torch.tensor([0, 400, 999])
+    target = torch.ones(3, 1, 1, 1)
+    pred = torch.zeros(3, 1, 1, 1)  # squared error 1 per sample: the loss is the mean weight
+    snr = compute_snr(plugin.noise_scheduler, t).float() + 1
+    expected = (torch.minimum(snr, torch.tensor(5.0)) / snr).mean()
+    got = plugin.objective.loss(pred, NoisedBatch(pred, t, target, target), scheduler=plugin.noise_scheduler)
+    assert torch.allclose(got, expected) and float(snr[2]) == 1.0  # zero terminal SNR: weight 1, not 0
 
 
 def test_a_fresh_cva_keeps_the_stage1_output_and_only_cva_trains_in_stage2(ds256, tmp_path):

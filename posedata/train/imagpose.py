@@ -15,7 +15,8 @@ docs/imagpose-fidelity.md. The networks: `posedata.train.imagpose_model`.
   the stage-1 model given with `--init`), 3 = everything. Official lr 5e-5, 5e-5, 1e-6;
   AdamW wd 1e-2, constant, clip 1.0, no EMA.
 - Objective (`--recipe official`, default): v-prediction, zero-terminal-SNR betas,
-  trailing spacing, min-SNR gamma 5, noise offset 0.05, scaled-linear 0.00085-0.012, MSE over
+  trailing spacing, min-SNR gamma 5 weighted min(SNR + 1, 5) / (SNR + 1) as the official
+  `train_stage*.py` computes it, noise offset 0.05, scaled-linear 0.00085-0.012, MSE over
   the whole canvas (padding excluded). `--recipe paper`: epsilon, linear betas, plain MSE,
   DINOv2-G preferred. The model records its recipe, so sampling uses the same schedule.
 - Condition dropout: stage 1, p = 0.1 for the whole batch, the DINOv2 tokens -> the stored
@@ -159,7 +160,7 @@ class ImagPosePlugin(UNetPlugin):
     def make_objective(self) -> Objective:
         if self.recipe == "paper":
             return Objective({**self.base.scheduler_config, **PAPER_SCHEDULER})
-        return Objective({**self.base.scheduler_config, **OFFICIAL_SCHEDULER}, noise_offset=0.05, min_snr_gamma=5.0)
+        return Objective({**self.base.scheduler_config, **OFFICIAL_SCHEDULER}, noise_offset=0.05, min_snr_gamma=5.0, min_snr_variant="plus_one")
 
     def null_embeddings(self) -> tuple[str, ...]:
         return ("vae:sd15.black_mean", "vae:sd15.black_std", f"{self.dinov2_need}.tokens")

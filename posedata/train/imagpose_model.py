@@ -16,7 +16,7 @@ diffusers model; plus the 2 x 2 canvas arithmetic the plugin and the sampler sha
 - **CVA.** diffusers' `MotionAdapter` (AnimateDiff): 21 `AnimateDiffTransformer3D` modules
   (one "vanilla" temporal transformer each: GroupNorm, proj_in, a `BasicTransformerBlock`
   with two self-attentions over frames + GEGLU feed-forward, sinusoidal positions, proj_out,
-  residual). Each runs after one UNet module, as the official `motion_module.py` places
+  residual; its layers are run with a per-tile GroupNorm, see `across_tiles`). Each runs after one UNet module, as the official `motion_module.py` places
   them: after each spatial transformer of a block with attention (down 0-2, mid, up 1-3)
   and after each ResNet of the two blocks without (down 3, up 0); the canvas features are
   split into the four tiles, which are the frames: a position attends to the same position
@@ -116,11 +116,26 @@ def _cross_view(module: nn.Module, args: Any, output: Any) -> Any:
     if motion is None or not module.__dict__.get("_imagpose_cva_on", True):
         return output
     hidden = output[0] if isinstance(output, tuple) else output
-    b, c, _, _ = hidden.shape
-    tiles = from_canvas(hidden)
-    h, w = tiles.shape[-2:]
-    mixed = to_canvas(motion(tiles.reshape(b * TILES, c, h, w), num_frames=TILES).reshape(b, TILES, c, h, w))
+    mixed = to_canvas(across_tiles(motion, from_canvas(hidden)))
     return (mixed, *output[1:]) if isinstance(output, tuple) else mixed
+
+
+def across_tiles(motion: nn.Module, tiles: torch.Tensor) -> torch.Tensor:
+    """One `AnimateDiffTransformer3D` over tiles [B, F, C, h, w] as frames, run with its own
+    layers (norm, proj_in, transformer blocks, proj_out) in the order of its forward, except
+    that the GroupNorm normalises each tile on its own, as the official (and the original
+    AnimateDiff) `TemporalTransformer3DModel` does (`(b f) c h w` before `self.norm`);
+    diffusers' forward normalises over all frames together."""
+    b, f, c, h, w = tiles.shape
+    residual = tiles.reshape(b * f, c, h, w)
+    x = motion.norm(residual)  # per tile
+    x = x.reshape(b, f, c, h * w).permute(0, 3, 1, 2).reshape(b * h * w, f, c)  # each position: a sequence of tiles
+    x = motion.proj_in(x)
+    for block in motion.transformer_blocks:
+        x = block(x)
+    x = motion.proj_out(x)
+    x = x.reshape(b, h * w, f, c).permute(0, 2, 3, 1).reshape(b * f, c, h, w)
+    return (x + residual).reshape(b, f, c, h, w)
 
 
 def attach_cva(unet: UNet2DConditionModel, adapter: MotionAdapter) -> None:
