@@ -84,6 +84,9 @@ class Objective:
     scheduler: Mapping[str, Any]
     noise_offset: float = 0.0
     min_snr_gamma: float | None = None
+    # "diffusers": min(SNR, gamma) / (SNR + 1) for v-prediction (diffusers' scripts);
+    # "plus_one": min(SNR + 1, gamma) / (SNR + 1) (Moore-AnimateAnyone / IMAGPose add 1 first)
+    min_snr_variant: str = "diffusers"
     sampler_configs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     @property
@@ -147,8 +150,12 @@ class Objective:
             per_sample = err.flatten(1).mean(1)
         if self.min_snr_gamma is not None:
             snr = compute_snr(scheduler or self.train_scheduler(), step.timesteps).float()
+            if self.min_snr_variant == "plus_one" and self.prediction_type == "v_prediction":
+                snr = snr + 1
             clipped = torch.minimum(snr, torch.full_like(snr, self.min_snr_gamma))
-            if self.prediction_type == "epsilon":
+            if self.min_snr_variant == "plus_one":
+                weight = clipped / snr.clamp_min(1e-8)
+            elif self.prediction_type == "epsilon":
                 weight = clipped / snr.clamp_min(1e-8)
             elif self.prediction_type == "v_prediction":
                 weight = clipped / (snr + 1)
