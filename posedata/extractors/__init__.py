@@ -30,7 +30,7 @@ DEFAULT_FEATURES = ("openpose", "clip", "vae:sd21", "vae:sd15", "dinov2:giant", 
 # `--preset MODEL`: what one model family needs.
 MODEL_PRESETS: dict[str, tuple[str, ...]] = {
     "pcdm": ("openpose", "clip", "vae:sd21", "dinov2:giant"),
-    "imagpose": ("openpose", "vae:sd15", "dinov2:base"),
+    "imagpose": ("openpose:full", "vae:sd15", "dinov2:base"),  # hands: the official DWPose renders have them
     "truepose": ("openpose", "vae:sd15", "parsing", "clip_regions"),
     "reposedm": ("openpose", "vae:sd15", "higherhrnet", "pose_latent:sd15"),
 }
