@@ -112,3 +112,21 @@ def test_pretrained_full_loads_the_hand_checkpoint_beside_the_body_one(tmp_path)
     (tmp_path / HAND_WEIGHTS_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="no hand_pose_model.pth"):
         create_extractor("openpose:full", weights="pretrained", model=str(tmp_path)).fingerprint_inputs()
+
+
+def test_pcdm_inpaint_pose_images_gain_the_hands_when_stored():
+    from posedata.train.pcdm_inpaint import PcdmInpaintPlugin
+
+    assert PcdmInpaintPlugin.needs[-1][0] == "openpose:full"  # preferred when the dataset has it
+    plugin = PcdmInpaintPlugin.__new__(PcdmInpaintPlugin)  # pose_image needs only the stored size
+    plugin.height, plugin.width = HEIGHT, WIDTH
+    hands = np.zeros((2, 21, 3), dtype=np.float32)
+    hands[1, 0], hands[1, 5] = (60, 150, 1), (70, 170, 1)
+    body = {"openpose.keypoints": arms()}
+    with_hands = {**body, "openpose.hands": hands}
+
+    plain, drawn = plugin.pose_image(body, body), plugin.pose_image(with_hands, body)
+
+    expected = draw_openpose(arms(), HEIGHT, WIDTH, hands=hands)
+    assert torch.equal(drawn[:, :, :WIDTH], torch.from_numpy(expected).permute(2, 0, 1).float() / 127.5 - 1.0)
+    assert not torch.equal(plain, drawn) and torch.equal(plain[:, :, WIDTH:], drawn[:, :, WIDTH:])

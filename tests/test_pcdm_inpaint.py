@@ -77,7 +77,7 @@ def f32(x) -> torch.Tensor:
 def test_registry_declarations_and_nulls(data):
     _, nulls, pairs = data
     assert plugin_class("pcdm-inpaint") is PcdmInpaintPlugin
-    assert PcdmInpaintPlugin.needs == ("vae:sd21", "dinov2:giant", "clip", ("openpose", "keypoints_annotated"))
+    assert PcdmInpaintPlugin.needs == ("vae:sd21", "dinov2:giant", "clip", ("openpose:full", "openpose", "keypoints_annotated"))
     assert PcdmInpaintPlugin.needs_pixels is False
     d = PcdmInpaintPlugin.presets["paper"].train
     assert (d.learning_rate, d.weight_decay, d.warmup_steps, d.batch_size, d.max_grad_norm) == (1e-4, 0.01, 5000, 8, 1.0)

@@ -77,6 +77,7 @@ from posedata.train.unet import (
 IN_CHANNELS = 9  # noisy latents 4 + mask 1 + masked-image latents 4
 
 TOKENS, EMBEDS, POSE = "dinov2.tokens", "clip.embeds", "openpose.keypoints"
+HANDS = "openpose.hands"  # openpose:full: the official pose images are DWPose renders with hands
 MEAN, STD = "vae.mean", "vae.std"
 
 
@@ -118,7 +119,7 @@ class PcdmInpaintPlugin(PcdmPlugin):
     """PCDMs stage 2: paints the target beside the source on a [source | target] canvas."""
 
     name = "pcdm-inpaint"
-    needs = ("vae:sd21", "dinov2:giant", "clip", ("openpose", "keypoints_annotated"))
+    needs = ("vae:sd21", "dinov2:giant", "clip", ("openpose:full", "openpose", "keypoints_annotated"))  # hands when stored
     needs_pixels = False
     presets = pcdm_presets(TrainConfig(learning_rate=1e-4, weight_decay=0.01, warmup_steps=5000, batch_size=8, max_grad_norm=1.0),
                            tiny_model={"pose_block_out_channels": TINY_POSE_CHANNELS})
@@ -165,7 +166,7 @@ class PcdmInpaintPlugin(PcdmPlugin):
     def pose_image(self, source: dict[str, Any], target: dict[str, Any]) -> torch.Tensor:
         """[source skeleton | target skeleton] rendered at the stored resolution -> float32
         [3, H, 2W] in [-1, 1] (ToTensor + Normalize(0.5, 0.5), as the official loader)."""
-        canvas = np.concatenate([draw_openpose(s[POSE], self.height, self.width) for s in (source, target)], axis=1)
+        canvas = np.concatenate([draw_openpose(s[POSE], self.height, self.width, hands=s.get(HANDS)) for s in (source, target)], axis=1)
         return torch.from_numpy(canvas).permute(2, 0, 1).float() / 127.5 - 1.0
 
     def mask(self, batch: int) -> torch.Tensor:
