@@ -69,7 +69,7 @@ from posedata.train.run import batches_factory, collated_loader, load_null_embed
 FIXTURES = Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures")) / "deepfashion"
 RESULTS = REPO / "bench" / "results"
 KEYPOINT_NEEDS = ("openpose", "keypoints_annotated")
-GOALS = {"pcdm-prior": 15.0, "pcdm-inpaint": 1.5, "pcdm-refine": 1.5}
+GOALS = {"pcdm-prior": 15.0, "pcdm-inpaint": 1.5, "pcdm-refine": 1.5, "truepose": 1.5}
 LOADER_OVERHEAD_GOAL = 0.05
 
 
@@ -143,6 +143,26 @@ def online_refine(enc: Encoders, pairs: list[dict[str, Any]], batch: dict[str, t
     batch["source_tokens"] = enc.dinov2(images(pairs, "source"))
 
 
+def online_truepose(enc: Encoders, pairs: list[dict[str, Any]], batch: dict[str, torch.Tensor]) -> None:
+    # TruePose (no public code; Sec. 4.1): z_s = phi(I_s) and the target latent (VAE), the
+    # source's parsing map H_s [SCHP], CLIP on the box of every parsing class (eq. 4)
+    from posedata.extractors.parsing import regions_from_labels
+
+    src, tgt = images(pairs, "source"), images(pairs, "target")
+    batch["source_mean"], batch["source_std"] = enc.vae(src)
+    batch["latent_mean"], batch["latent_std"] = enc.vae(tgt)
+    labels = enc.by_name["parsing"].label_maps(src)
+    crops = [{"key": str(i), "image": image, "parsing": dict(zip(("classes.npy", "pixels.npy", "boxes.npy"), regions_from_labels(lab)))}
+             for i, (image, lab) in enumerate(zip(src, labels))]
+    tokens, valid = torch.zeros_like(batch["region_tokens"]), torch.zeros_like(batch["region_valid"])
+    for i, row in enumerate(enc.by_name["clip_regions"](crops)):
+        classes = torch.as_tensor(row["classes.npy"]).long()
+        tokens[i, classes] = torch.as_tensor(row["embeds.npy"].astype(np.float32)).to(tokens.device)
+        valid[i, classes] = True
+    batch["labels"] = torch.as_tensor(np.stack(labels)).to(tokens.device)
+    batch["region_tokens"], batch["region_valid"] = tokens, valid
+
+
 @dataclass(frozen=True)
 class Stage:
     """One row of the benchmark: the plugin, the dataset features it trains from, the
@@ -158,6 +178,7 @@ STAGES = {
     "pcdm-prior": Stage("pcdm-prior", ("openpose", "clip"), ("clip",), online_prior),
     "pcdm-inpaint": Stage("pcdm-inpaint", ("openpose", "clip", "vae:sd21", "dinov2:giant"), ("vae:sd21", "dinov2:giant", "clip"), online_inpaint),
     "pcdm-refine": Stage("pcdm-refine", ("vae:sd21", "dinov2:giant"), ("vae:sd21", "dinov2:giant"), online_refine),
+    "truepose": Stage("truepose", ("openpose", "vae:sd15", "parsing", "clip_regions"), ("vae:sd15", "parsing", "clip_regions"), online_truepose),
 }
 
 
@@ -185,8 +206,11 @@ def placeholders(dataset: Dataset, plugin) -> dict[str, np.ndarray]:
             continue
         column = dataset.column(need)
         outputs = dataset.card["features"][column.folder]["outputs"]
+        height, width = dataset.resolution
         for suffix in column.suffixes:
-            out[f"{column.alias}.{suffix.rsplit('.', 1)[0]}"] = np.zeros(outputs[suffix]["shape"], np.float16)
+            # symbolic dims: the stored H / W, and no rows for a per-image count (M regions)
+            shape = [{"H": height, "W": width}.get(d, 0) if isinstance(d, str) else d for d in outputs[suffix]["shape"]]
+            out[f"{column.alias}.{suffix.rsplit('.', 1)[0]}"] = np.zeros(shape, np.float16)
     return out
 
 
@@ -251,7 +275,8 @@ def bench_stage(stage: Stage, dataset: Dataset, args: argparse.Namespace) -> dic
 
     # (a) online: images + keypoints from the reader, encoders inside the step
     encoders = Encoders(stage.encoders, args.weights, dataset.resolution, device, dataset.card["build"].get("dtype", "fp16"))
-    result["encoder_parameters"] = {n: sum(p.numel() for p in e._model.parameters()) for n, e in encoders.by_name.items()}
+    # clip_regions runs the clip extractor it composes
+    result["encoder_parameters"] = {n: sum(p.numel() for p in getattr(e, "clip", e)._model.parameters()) for n, e in encoders.by_name.items()}
     fill = placeholders(dataset, plugin)
     pixels = PairStream(dataset, args.split, keypoint_needs(plugin), pixels=True, seed=seed)
     online_pairs = collated_loader(pixels, ListCollate, bs, args.num_workers, seed)
