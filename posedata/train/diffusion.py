@@ -260,7 +260,9 @@ def denoise(
     channels = latents.shape[1]
     guided = guidance_scale > 1.0
     params = inspect.signature(scheduler.step).parameters
-    learned = scheduler.config.get("variance_type") in LEARNED_VARIANCE
+    # only schedulers that take a variance_type read the variance half (DDPM, UnCLIP)
+    takes_variance = "variance_type" in inspect.signature(type(scheduler).__init__).parameters
+    learned = takes_variance and scheduler.config.get("variance_type") in LEARNED_VARIANCE
     for i, t in enumerate(timesteps):
         x = torch.cat([latents] * 2) if guided else latents
         pred = predict(scheduler.scale_model_input(x, t), t)

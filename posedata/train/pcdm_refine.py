@@ -145,6 +145,21 @@ class PcdmRefinePlugin(PcdmPlugin):
 
     # ---- sampling -----------------------------------------------------------------------
 
+    @staticmethod
+    def target_as_coarse(pairs: list[dict[str, Any]], generator: torch.Generator | None) -> torch.Tensor:
+        """A draw from each target's stored posterior (unscaled latents): the coarse image
+        when refine runs alone, as its training sees it."""
+        mean, std = stack([p["target"] for p in pairs], MEAN), stack([p["target"] for p in pairs], STD)
+        return mean + std * torch.randn(mean.shape, generator=generator)
+
+    def sample_outputs(self, model: PcdmRefineModel, pairs: list[dict[str, Any]], *, generator: torch.Generator | None,
+                       settings: SampleSettings, vae: Any = None, **options: Any) -> list[dict[str, Any]]:
+        """`posedata sample pcdm-refine` alone refines the targets' own latents (pairs carry
+        no stage-2 output)."""
+        if "coarse" not in options and any(COARSE not in p for p in pairs):
+            options["coarse"] = self.target_as_coarse(pairs, generator)
+        return super().sample_outputs(model, pairs, generator=generator, settings=settings, vae=vae, **options)
+
     @torch.no_grad()
     def sample(
         self,

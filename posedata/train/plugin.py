@@ -49,6 +49,7 @@ class Plugin:
     # what `sample` returns: "latents" (unscaled, the stored posteriors' space; decoded with
     # the dataset's VAE) or "embedding" (saved as .npy)
     output: ClassVar[str] = "latents"
+    vae_need: str | None = None  # the VAE feature "latents" come from (UNetPlugin sets it from its base model)
 
     def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None, preset: str | None = None,
                  **options: Any):
@@ -122,6 +123,22 @@ class Plugin:
         plugin's own inputs; what is not given comes from `sample_settings()`. Returns
         what `output` says."""
         raise NotImplementedError
+
+    def sample_outputs(self, model: torch.nn.Module, pairs: list[dict[str, Any]], *, generator: torch.Generator | None, settings: SampleSettings,
+                       vae: Any = None, **options: Any) -> list[dict[str, Any]]:
+        """What `posedata sample PLUGIN` writes for a batch of pairs: one dict per output with
+        "image" (uint8 [H, W, 3]) or "array" (saved as .npy), optionally "pair" (index into
+        `pairs`, default: the position), "name" (file stem, default `<source>_to_<target>`),
+        "source_key" / "target_key" (default: the pair's), and any extra columns for
+        samples.parquet. Default: `sample` once per batch, one output per pair, latents
+        decoded with the dataset's VAE (`vae`). Override for several outputs per pair."""
+        from posedata.train.diffusion import decode_to_uint8
+
+        result = self.sample(model, pairs, generator=generator, **settings.as_kwargs(), **options)
+        if self.output == "embedding":
+            return [{"array": result[i].float().cpu().numpy()} for i in range(len(pairs))]
+        images = decode_to_uint8(vae, result)
+        return [{"image": images[i]} for i in range(len(pairs))]
 
     def sample_settings(self, recipe: str | None = None, **changes: Any) -> SampleSettings:
         """The settings of `recipe` (default: the first of `sample_recipes`), with `changes`

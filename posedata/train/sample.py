@@ -89,6 +89,12 @@ def ordered_pairs(dataset: Dataset, split: str, needs, limit: int) -> tuple[list
     return found, crossing
 
 
+def with_pose(dataset: Dataset, needs) -> list:
+    """`needs` plus the keypoints for the contact sheet when the dataset has them."""
+    has_pose = any(find_feature(dataset.card, name) for name in POSE)
+    return list(dict.fromkeys([*needs, *([POSE] if has_pose else [])]))
+
+
 def dataset_vae(dataset: Dataset, need: str, device: str):
     """The autoencoder the dataset's `need` latents (e.g. vae:sd21) were made with."""
     from posedata.extractors import create_extractor
@@ -169,7 +175,7 @@ def sample_plugin(
     dataset = Dataset(shards, storage_options)
     plugin, model = load_stage(dataset, plugin_name, run, device)
     chosen = plugin.sample_settings(recipe, **settings)
-    pairs, crossing = ordered_pairs(dataset, split, list(dict.fromkeys([*plugin.needs, POSE])), limit)
+    pairs, crossing = ordered_pairs(dataset, split, with_pose(dataset, plugin.needs), limit)
     if not pairs:
         raise ValueError(f"{shards}: split {split!r} has no pairs inside one shard")
     vae = dataset_vae(dataset, plugin.vae_need, device) if plugin.output == "latents" else None
@@ -180,13 +186,15 @@ def sample_plugin(
     for start in range(0, len(pairs), batch_size):
         batch = pairs[start : start + batch_size]
         with torch.no_grad():
-            result = plugin.sample(model, batch, generator=generator, **chosen.as_kwargs(), **(options or {}))
-        images = decode_to_uint8(vae, result) if vae is not None else None
-        for i, pair in enumerate(batch):
-            value = images[i] if images is not None else result[i].float().cpu().numpy()
-            file = save_output(out_dir, f"{pair_name(pair)}.{'png' if images is not None else 'npy'}", value)
-            rows.append({"source_key": pair["source"]["__key__"], "target_key": pair["target"]["__key__"], "file": file})
-            sheet_rows.append((pair, [images[i] if images is not None else None]))
+            outputs = plugin.sample_outputs(model, batch, generator=generator, settings=chosen, vae=vae, **(options or {}))
+        for i, output in enumerate(outputs):
+            output = dict(output)
+            pair = batch[output.pop("pair", i)]
+            image, array = output.pop("image", None), output.pop("array", None)
+            name = output.pop("name", pair_name(pair))
+            file = save_output(out_dir, f"{name}.png" if image is not None else f"{name}.npy", image if image is not None else array)
+            rows.append({"source_key": pair["source"]["__key__"], "target_key": pair["target"]["__key__"], **output, "file": file})
+            sheet_rows.append((pair, [image]))
     table, sheet = write_outputs(out_dir, rows, sheet_rows, ["output"], dataset.resolution)
     summary = {"plugin": plugin_name, "pairs": len(rows), "pairs_across_shards_skipped": crossing, "settings": chosen.as_kwargs(),
                "out": str(out_dir), "samples": str(table), "sheet": str(sheet)}
@@ -232,7 +240,7 @@ def sample_pcdm(
             plugins[stage], models[stage] = load_stage(dataset, PLUGINS[stage], run, device)
             chosen[stage] = plugins[stage].sample_settings(recipe, **settings).replace(**(stage_settings or {}).get(stage, {}))
     # the plugins' features, plus the target pose for the contact sheet
-    needs = list(dict.fromkeys([*(n for p in plugins.values() for n in p.needs), POSE]))
+    needs = with_pose(dataset, [n for p in plugins.values() for n in p.needs])
     image_stage = next((p for s, p in plugins.items() if s != "prior"), None)
     vae = dataset_vae(dataset, image_stage.vae_need, device) if image_stage is not None else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -258,7 +266,7 @@ def sample_pcdm(
                 coarse = decode_to_uint8(vae, coarse_latents)
             if "refine" in plugins:
                 if coarse_latents is None:  # refine alone: the target's own latent, as in training
-                    coarse_latents = target_latents(batch, generator)
+                    coarse_latents = plugins["refine"].target_as_coarse(batch, generator)
                 refined = decode_to_uint8(vae, plugins["refine"].sample(models["refine"], batch, coarse=coarse_latents, generator=generator,
                                                                          **chosen["refine"].as_kwargs()))
         for i, pair in enumerate(batch):
@@ -284,12 +292,6 @@ def sample_pcdm(
     return summary
 
 
-def target_latents(batch: list[dict[str, Any]], generator: torch.Generator) -> torch.Tensor:
-    """A draw from each target's stored VAE posterior (unscaled latents)."""
-    mean, std = stack([p["target"] for p in batch], "vae.mean"), stack([p["target"] for p in batch], "vae.std")
-    return mean + std * torch.randn(mean.shape, generator=generator)
-
-
 def contact_sheet(rows: list[tuple[dict[str, Any], list[Any]]], headers: list[str], resolution: tuple[int, int], path: os.PathLike) -> None:
     """source | target pose | <headers> | ground truth, one row per pair (None: a blank cell)."""
     height, width = resolution
@@ -303,7 +305,8 @@ def contact_sheet(rows: list[tuple[dict[str, Any], list[Any]]], headers: list[st
     blank = np.zeros((height, width, 3), np.uint8)
     for r, (pair, outputs) in enumerate(rows):
         target = pair["target"]
-        cells = [pair["source"]["image"], draw_openpose(target["openpose.keypoints"], height, width), *outputs, target["image"]]
+        pose = draw_openpose(target["openpose.keypoints"], height, width) if "openpose.keypoints" in target else None
+        cells = [pair["source"]["image"], pose, *outputs, target["image"]]
         y = caption + r * (height + caption + pad)
         for c, cell in enumerate(cells):
             sheet.paste(Image.fromarray(blank if cell is None else np.asarray(cell)), (pad + c * (width + pad), y))
