@@ -325,8 +325,9 @@ class ImagPosePlugin(UNetPlugin):
         flags = torch.tensor([f for _, f in canvases])
         batch = self.canvas([t for t, _ in canvases], flags, [0] * len(canvases), latents=False)
         batch = {k: v.to(device) for k, v in batch.items()}
-        masked = sample_latent(batch["masked_mean"], batch["masked_std"], self.scaling_factor, generator).to(dtype)
-        reference = (batch["reference_mean"] * self.scaling_factor).to(dtype)  # the posterior mean, as official inference
+        # posterior means, as the official pipeline encodes them at inference (`latent_dist.mean`)
+        masked = (batch["masked_mean"] * self.scaling_factor).to(dtype)
+        reference = (batch["reference_mean"] * self.scaling_factor).to(dtype)
         context = model.context(batch["image_tokens"].to(dtype), reference)
         pose_cond = model.pose_guider(batch["pose"].to(dtype))
         mask = batch["mask"].to(dtype)
