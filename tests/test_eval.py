@@ -180,6 +180,14 @@ def test_bad_inputs_are_one_line_errors(dataset, distorted, tmp_path):
     assert result.exit_code == 1 and "protocol patn defines no lpips" in result.output
     result = invoke("eval", samples, "--shards", dataset, "--weights", "random", "--metrics", "ssim")  # default --split test
     assert result.exit_code == 1 and "not in split 'test'" in result.output
+    keys = sorted(stored_images(dataset))
+    unreadable = write_samples(tmp_path / "unreadable", [(keys[0], keys[1], np.zeros((8, 8, 3), np.uint8))])
+    (unreadable / f"png/{keys[0]}_to_{keys[1]}.png").write_bytes(b"not a png")
+    result = invoke("eval", unreadable, "--shards", dataset, "--weights", "random", "--metrics", "ssim", "--split", "train")
+    assert result.exit_code == 1 and "not a readable image" in result.output and "Traceback" not in result.output
+    (unreadable / f"png/{keys[0]}_to_{keys[1]}.png").unlink()
+    result = invoke("eval", unreadable, "--shards", dataset, "--weights", "random", "--metrics", "ssim", "--split", "train")
+    assert result.exit_code == 1 and "file not found" in result.output
     broken = tmp_path / "broken"
     write_samples(broken, [("a", "b", np.zeros((8, 8, 3), np.uint8))])
     result = invoke("eval", broken, "--shards", dataset, "--weights", "random", "--metrics", "ssim", "--split", "train")

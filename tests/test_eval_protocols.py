@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from posedata.eval import metrics as M
+from posedata.extractors import create_extractor
 from posedata.eval.masks import body_mask
 from posedata.eval.protocol import REGISTRY, create_protocol
 
@@ -172,3 +173,15 @@ def test_body_mask_covers_limbs_and_joints_and_leaves_out_missing_joints():
     keypoints[4, 2] = 0  # right wrist missing: no disc there, no forearm
     without = body_mask(keypoints, (128, 64))
     assert not without[60, 16] and not without[55, 17]
+
+
+def test_fid_reference_fingerprint_follows_protocol_network_weights_and_resolution():
+    def folder(spec, **options):
+        return create_extractor(spec, **{"weights": "random", "resolution": (256, 176), **options}).folder
+
+    assert folder("fid_ref:pcdms") == folder("fid_ref:pcdms", weights="tiny")  # tiny: the random full Inception
+    variants = {folder("fid_ref:pcdms"), folder("fid_ref:cfld"), folder("fid_ref:pcdms-tf"), folder("fid_ref:pcdms", resolution=(512, 352)), folder("fid_ref:pcdms", seed=1)}
+    assert len(variants) == 5
+    card = create_extractor("fid_ref:pidm", weights="random", resolution=(256, 176)).card()
+    assert card["outputs"] == {"pool.npy": {"dtype": "float32", "shape": [2048], "description": card["outputs"]["pool.npy"]["description"]}}
+    assert card["fingerprint_inputs"]["protocol"]["fid_batch"] == 64

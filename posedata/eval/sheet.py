@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-CELL_HEIGHT = 256
+from posedata.show import BACKGROUND, CELL_HEIGHT, TEXT, _clip
+
 CAPTION = 30
 PAD = 8
-BACKGROUND = (24, 24, 24)
-TEXT = (235, 235, 235)
 HEADERS = ("source", "generated", "ground truth")
 
 
@@ -77,8 +76,3 @@ def _fit(image: np.ndarray, cell_w: int) -> Image.Image:
     im = Image.fromarray(np.asarray(image)).convert("RGB")
     w = min(cell_w, round(im.width * CELL_HEIGHT / im.height))
     return im.resize((w, CELL_HEIGHT), Image.Resampling.BILINEAR)
-
-
-def _clip(text: str, width_px: int) -> str:
-    limit = max(8, width_px // 6)
-    return text if len(text) <= limit else text[: limit - 1] + "..."

@@ -47,6 +47,9 @@ class FidReferenceExtractor(Extractor):
         from posedata.eval.networks import check_weights
         from posedata.eval.protocol import create_protocol
 
+        # No tiny Inception: `tiny` runs (tests, smoke builds) get the full one with seeded
+        # random weights, the same feature `posedata eval --weights random` looks for.
+        weights = "random" if weights == "tiny" else weights
         check_weights(weights)
         super().__init__(weights=weights, model=model, resolution=resolution, dtype=dtype, seed=seed)
         if preset not in self.PRESETS:
