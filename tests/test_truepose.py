@@ -159,6 +159,25 @@ def test_loss_trains_every_part_and_save_load_round_trip(data, tmp_path):
         assert torch.equal(plugin.loss(loaded, batch, torch.Generator().manual_seed(1)), plugin.loss(model, batch, torch.Generator().manual_seed(1)))
 
 
+def test_gradient_checkpointing_recomputes_the_fusion_exactly(data):
+    _, pairs = data
+    plugin = make_plugin(data, drop_prob=0.0)
+    torch.manual_seed(0)
+    model = plugin.build_model().train()
+    batch = plugin.collate(pairs[:2], torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        plugin.loss(model, batch, torch.Generator().manual_seed(1)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys()
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
 def test_subset_of_blocks_and_literal_eq8_keys(data):
     plugin = make_plugin(data)
     cfg = tiny_unet_config(SD15_UNET_CONFIG)

@@ -243,15 +243,17 @@ class SourceWriter:
         q, k, v = (_heads(attn, proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         own = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False)
         state = self.state
-        if state.write:
-            key_mask = state.key_masks.get(hidden_states.shape[1])
-            if key_mask is None:
-                raise RuntimeError(f"truepose: no selection mask for {hidden_states.shape[1]} tokens at {self.name}")
+        # the work done depends on the masks only, not on `write`: gradient checkpointing
+        # recomputes this block in the backward pass (write False) and must redo the same ops
+        key_mask = state.key_masks.get(hidden_states.shape[1])
+        if state.write and key_mask is None:
+            raise RuntimeError(f"truepose: no selection mask for {hidden_states.shape[1]} tokens at {self.name}")
+        if key_mask is not None:
             reweighted, received = reweighted_attention(q, k, v, key_mask, scale=attn.scale, sigma=self.sigma, delta=self.delta,
                                                         chunk_size=self.chunk_size)
             state.source[self.name] = _out(attn, _merge(reweighted).to(hidden_states.dtype))
             state.received[self.name] = received
-            if self.last:
+            if self.last and state.write:
                 raise SourceDone
         return _out(attn, _merge(own).to(hidden_states.dtype))
 
