@@ -62,14 +62,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from posedata.extractors import create_extractor
-from posedata.reader import Dataset, PairStream
+from posedata.reader import Dataset, GroupStream, PairStream
 from posedata.train import plugin_class
 from posedata.train.run import batches_factory, collated_loader, load_null_embeddings
 
 FIXTURES = Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures")) / "deepfashion"
 RESULTS = REPO / "bench" / "results"
 KEYPOINT_NEEDS = ("openpose", "keypoints_annotated")
-GOALS = {"pcdm-prior": 15.0, "pcdm-inpaint": 1.5, "pcdm-refine": 1.5, "truepose": 1.5}
+GOALS = {"pcdm-prior": 15.0, "pcdm-inpaint": 1.5, "pcdm-refine": 1.5, "truepose": 1.5, "imagpose": 1.5}
 LOADER_OVERHEAD_GOAL = 0.05
 
 
@@ -163,6 +163,26 @@ def online_truepose(enc: Encoders, pairs: list[dict[str, Any]], batch: dict[str,
     batch["region_tokens"], batch["region_valid"] = tokens, valid
 
 
+def online_imagpose(enc: Encoders, groups: list[dict[str, Any]], batch: dict[str, torch.Tensor]) -> None:
+    # train_stage1.py: vae.encode(2 x 2 canvas), vae.encode(masked canvas: target tiles black),
+    # vae.encode(reference tile), image_enc(reference) (DINOv2); tiles padded as the plugin pads
+    from posedata.train.imagpose_model import from_canvas
+
+    tile_h, tile_w = batch["pose"].shape[-2] // 2, batch["pose"].shape[-1] // 2
+    known = from_canvas(batch["mask"])[:, :, 0, 0, 0].bool().tolist()
+
+    def canvas(tiles: list[np.ndarray]) -> np.ndarray:
+        padded = [np.pad(t, ((0, tile_h - t.shape[0]), (0, tile_w - t.shape[1]), (0, 0))) for t in tiles]
+        return np.concatenate([np.concatenate(padded[:2], axis=1), np.concatenate(padded[2:], axis=1)], axis=0)
+
+    tiles = [[s["image"] for s in g["samples"]] for g in groups]
+    batch["latent_mean"], batch["latent_std"] = enc.vae([canvas(t) for t in tiles])
+    batch["masked_mean"], batch["masked_std"] = enc.vae([canvas([im if k else np.zeros_like(im) for im, k in zip(t, flags)]) for t, flags in zip(tiles, known)])
+    reference = [t[int(r)] for t, r in zip(tiles, batch["reference"].tolist())]
+    batch["reference_mean"], batch["reference_std"] = enc.vae(reference)
+    batch["image_tokens"] = enc.dinov2(reference)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One row of the benchmark: the plugin, the dataset features it trains from, the
@@ -179,6 +199,7 @@ STAGES = {
     "pcdm-inpaint": Stage("pcdm-inpaint", ("openpose", "clip", "vae:sd21", "dinov2:giant"), ("vae:sd21", "dinov2:giant", "clip"), online_inpaint),
     "pcdm-refine": Stage("pcdm-refine", ("vae:sd21", "dinov2:giant"), ("vae:sd21", "dinov2:giant"), online_refine),
     "truepose": Stage("truepose", ("openpose", "vae:sd15", "parsing", "clip_regions"), ("vae:sd15", "parsing", "clip_regions"), online_truepose),
+    "imagpose": Stage("imagpose", ("openpose:full", "vae:sd15", "dinov2:base"), ("vae:sd15", "dinov2:base"), online_imagpose),
 }
 
 
@@ -278,7 +299,8 @@ def bench_stage(stage: Stage, dataset: Dataset, args: argparse.Namespace) -> dic
     # clip_regions runs the clip extractor it composes
     result["encoder_parameters"] = {n: sum(p.numel() for p in getattr(e, "clip", e)._model.parameters()) for n, e in encoders.by_name.items()}
     fill = placeholders(dataset, plugin)
-    pixels = PairStream(dataset, args.split, keypoint_needs(plugin), pixels=True, seed=seed)
+    groups = getattr(plugin, "stream", "pairs") == "groups"  # IMAGPose: groups of four images
+    pixels = (GroupStream if groups else PairStream)(dataset, args.split, keypoint_needs(plugin), pixels=True, seed=seed)
     online_pairs = collated_loader(pixels, ListCollate, bs, args.num_workers, seed)
     wait = [0.0]
 
@@ -286,7 +308,10 @@ def bench_stage(stage: Stage, dataset: Dataset, args: argparse.Namespace) -> dic
         t = time.perf_counter()
         pairs = next(online_pairs)
         wait[0] += time.perf_counter() - t
-        pairs = [{"source": {**p["source"], **fill}, "target": {**p["target"], **fill}} for p in pairs]
+        if groups:
+            pairs = [{**g, "samples": [{**x, **fill} for x in g["samples"]]} for g in pairs]
+        else:
+            pairs = [{"source": {**p["source"], **fill}, "target": {**p["target"], **fill}} for p in pairs]
         batch = to_device(plugin.collate(pairs, torch.Generator().manual_seed(step.count)), device)
         stage.online(encoders, pairs, batch)
         return step(batch)
