@@ -268,6 +268,7 @@ class ImagPosePlugin(UNetPlugin):
             flags.append(row)
             reference.append(int(sources[torch.randint(0, len(sources), (1,), generator=generator)]))
         batch = self.canvas([g["samples"] for g in groups], torch.stack(flags), reference)
+        batch["reference"] = torch.tensor(reference)  # which tile (bench/train_cost.py's online step encodes it)
         null_tokens = self.null(f"{self.dinov2_need}.tokens")
         if self.stage == 1:
             if float(torch.rand((), generator=generator)) < STAGE1_DROP:
