@@ -22,8 +22,8 @@ from posedata.train import plugin_class
 from posedata.train.run import run_training
 from posedata.train.truepose import TruePoseModel, TruePosePlugin, transformer_blocks
 from posedata.train.unet import SD15_UNET_CONFIG, tiny_unet_config
+from test_pcdm_inpaint import H, W, with_keypoints  # the same fixture size; random drawable poses
 
-H, W = 64, 48
 h, w = H // 8, W // 8
 SD15_UNET_PARAMS = 859_520_964  # stable-diffusion-v1-5 unet
 
@@ -43,20 +43,6 @@ def data(dataset):
     ds = Dataset(str(dataset))
     pairs = list(PairStream(ds, "train", TruePosePlugin.needs, seed=0, epochs=1))
     return ds, with_keypoints(pairs)
-
-
-def with_keypoints(pairs: list[dict]) -> list[dict]:
-    """The tiny (random-weight) OpenPose finds no joints: give every sample a drawable pose."""
-    rng = np.random.default_rng(0)
-    out = []
-    for p in pairs:
-        pair = {}
-        for role in ("source", "target"):
-            kp = np.stack([rng.uniform(4, W - 4, 18), rng.uniform(4, H - 4, 18), np.ones(18)], axis=1).astype(np.float32)
-            kp[3, 2] = 0.0  # one missing joint
-            pair[role] = {**p[role], "openpose.keypoints": kp}
-        out.append(pair)
-    return out
 
 
 def make_plugin(data, drop_prob: float | None = None) -> TruePosePlugin:
