@@ -3,9 +3,8 @@ single factory). Modules are imported lazily so `posedata inspect` never pays fo
 
 from __future__ import annotations
 
-import importlib
-
 from posedata.extractors.base import Extractor
+from posedata.registry import lookup
 
 # feature name -> "module:Class"
 REGISTRY: dict[str, str] = {
@@ -44,10 +43,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 def extractor_class(spec: str) -> type[Extractor]:
     name, _ = parse_spec(spec)
-    if name not in REGISTRY:
-        raise KeyError(f"unknown feature {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return lookup(REGISTRY, name, "feature")
 
 
 def create_extractor(spec: str, upstream: dict[str, str] | None = None, **kwargs) -> Extractor:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from posedata.registry import lookup
 from posedata.sources.base import Source, SourceError
 
 REGISTRY: dict[str, str] = {
@@ -14,10 +13,7 @@ REGISTRY: dict[str, str] = {
 
 
 def source_class(name: str) -> type[Source]:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown source {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return lookup(REGISTRY, name, "source")
 
 
 __all__ = ["Source", "SourceError", "source_class", "REGISTRY"]

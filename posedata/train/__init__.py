@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from posedata.registry import lookup
 from posedata.train.plugin import Plugin
 
 REGISTRY: dict[str, str] = {
@@ -17,7 +16,4 @@ REGISTRY: dict[str, str] = {
 
 
 def plugin_class(name: str) -> type[Plugin]:
-    if name not in REGISTRY:
-        raise KeyError(f"unknown plugin {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    return lookup(REGISTRY, name, "plugin")

@@ -36,6 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from posedata.reader import Dataset, find_feature
+from posedata.registry import load_object
 from posedata.render import draw_openpose
 from posedata.train import plugin_class
 from posedata.train.checkpoint import checkpoints
@@ -165,10 +166,7 @@ def sample_plugin(
     arguments; IMAGPose's canvases of up to four images)."""
     sampler = getattr(plugin_class(plugin_name), "sampler", None)
     if sampler:
-        import importlib
-
-        module, function = sampler.split(":")
-        return getattr(importlib.import_module(module), function)(
+        return load_object(sampler)(
             plugin_name, shards, run, out, split=split, limit=limit, batch_size=batch_size, seed=seed, recipe=recipe, options=options,
             device=device, storage_options=storage_options, echo=echo, **settings)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
