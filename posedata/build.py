@@ -219,8 +219,34 @@ def make_job(plan: BuildPlan, location: DatasetLocation, todo: list[ShardTask]) 
     )
 
 
+def check_options(config: BuildConfig) -> None:
+    """Every option that can be checked before the source is read: wrong values are one
+    error naming the option, never a default used in silence or a traceback later."""
+    if config.shard_size < 1:
+        raise BuildError(f"--shard-size must be at least 1, not {config.shard_size}")
+    if config.workers is not None and config.workers < 1:
+        raise BuildError(f"--workers must be at least 1, not {config.workers}")
+    try:
+        specs = dependency_order(list(config.features or DEFAULT_FEATURES))
+        for spec in specs:
+            name, preset = parse_spec(spec)
+            presets = getattr(extractor_class(name), "PRESETS", None)
+            if preset is not None and (not presets or preset not in presets):
+                raise KeyError(f"feature {name!r} has no preset {preset!r}" + (f"; choose one of {', '.join(f'{name}:{p}' for p in presets)}" if presets else ""))
+    except (KeyError, ValueError) as e:
+        raise BuildError(f"--features: {str(e).strip(chr(39) + chr(34))}") from None
+    known = set(specs) | {parse_spec(s)[0] for s in specs} | {"keypoints_annotated"}  # added when the source ships keypoints
+    for option, values in (("--batch-size", config.batch_sizes), ("--model", config.models)):
+        for feature, value in values.items():
+            if feature not in known:
+                raise BuildError(f"{option} {feature}={value}: {feature!r} is not a feature of this build (features: {', '.join(specs)})")
+            if option == "--batch-size" and (not isinstance(value, int) or value < 1):
+                raise BuildError(f"--batch-size {feature}={value}: the batch size must be a whole number of at least 1")
+
+
 def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     started = time.time()
+    check_options(config)
     location = check_output(config)  # before anything is read or written
     plan = make_plan(config)
     n_inputs = len(plan.scan.records) + len(plan.scan.rejects)
@@ -229,7 +255,8 @@ def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str,
         f"{len(plan.tasks)} shards at {plan.resolution[0]}x{plan.resolution[1]}; features: {', '.join(plan.features)} (weights: {config.weights})"
     )
     if not plan.scan.records:
-        raise SystemExit(f"{config.root}: no usable images found ({len(plan.scan.rejects)} rejected while scanning; see the reasons with `posedata inspect`)")
+        echo(format_reasons(collections.Counter(f"{r.stage}: {_reason_kind(r.reason)}" for r in plan.scan.rejects)))
+        raise BuildError(f"{config.root}: nothing to build: all {n_inputs} inputs were rejected while scanning (reasons above); nothing was written")
 
     _prepare_output(location, plan, echo)
     todo = [t for t in plan.tasks if not location.exists(location.done_marker(t.name))]
@@ -238,9 +265,7 @@ def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str,
     if todo:
         runner = run_with_ray if config.executor == "ray" else run_locally
         runner(make_job(plan, location, todo), echo)
-    summary = finalize(plan, location, started)
-    if summary["inputs"] != n_inputs:
-        raise RuntimeError(f"reconciliation failed: {n_inputs} inputs but {summary['written']} written + {summary['rejected']} rejected")
+    summary = finalize(plan, location, started, echo)
     echo(format_summary(summary))
     return summary
 
@@ -318,6 +343,61 @@ def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+INPUTS_LISTING = "inputs.parquet"  # in _done/: every input of the first run, to compare reruns with
+
+
+def input_listing(plan: BuildPlan) -> pa.Table:
+    """Every input of this scan (records and scan rejects): its path relative to --root, size
+    and modification time; the schema's metadata holds a digest of the whole scan (keys,
+    splits, groups, annotations, rejects, pairs) for changes in lists and CSVs."""
+    root = os.path.abspath(os.path.expanduser(plan.config.root))
+    rows = []
+    for path in sorted({r.path for r in plan.scan.records} | {r.path for r in plan.scan.rejects}):
+        try:
+            info = os.stat(path)
+            size, mtime = info.st_size, info.st_mtime_ns
+        except OSError:  # a list entry without its file, a broken link
+            size, mtime = -1, -1
+        rows.append({"path": os.path.relpath(path, root) if os.path.isabs(path) else path, "size": size, "mtime_ns": mtime})
+    scan = {
+        "records": [[r.key, r.split, r.group, os.path.relpath(r.path, root), r.annotations] for r in plan.scan.records],
+        "rejects": [[os.path.relpath(r.path, root) if os.path.isabs(r.path) else r.path, r.stage, r.reason.replace(root, "<root>"), r.key, r.split] for r in plan.scan.rejects],
+        "pairs": {split: [list(p) for p in pairs] for split, pairs in sorted(plan.scan.pairs.items())},
+    }
+    digest = hashlib.sha256(json.dumps(scan, sort_keys=True, default=str).encode()).hexdigest()
+    schema = pa.schema([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())], metadata={"scan_sha256": digest})
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def check_inputs_unchanged(location: DatasetLocation, plan: BuildPlan) -> None:
+    """A rerun resumes only over the inputs of the first run: files added, removed or
+    changed since (or edited lists, pairs, annotations) would be lost or listed wrongly, so
+    refuse, naming what changed."""
+    path = location.path(DONE, INPUTS_LISTING)
+    current = input_listing(plan)
+    if not location.exists(path):  # a dataset from before posedata kept the listing
+        location.write_parquet(path, current)
+        return
+    previous = location.read_parquet(path)
+
+    def files(table: pa.Table) -> dict[str, tuple[int, int]]:
+        return {p: (s, m) for p, s, m in zip(table["path"].to_pylist(), table["size"].to_pylist(), table["mtime_ns"].to_pylist())}
+
+    before, now = files(previous), files(current)
+    added = sorted(set(now) - set(before))
+    removed = sorted(set(before) - set(now))
+    changed = sorted(p for p in set(now) & set(before) if now[p] != before[p])
+    parts = [f"{len(names)} {what} (e.g. {names[0]})" for names, what in ((added, "added"), (removed, "removed"), (changed, "changed: size or time")) if names]
+    digest = (previous.schema.metadata or {}).get(b"scan_sha256", b"").decode()
+    if not parts and digest == current.schema.metadata[b"scan_sha256"].decode():
+        return
+    what = "; ".join(parts) if parts else "the lists, pairs or annotations were edited"
+    raise BuildError(
+        f"{location.url}: the source folder {plan.config.root} changed since this dataset was built from it ({what}); "
+        "a rerun would leave the dataset out of step with it. Use --overwrite to rebuild from the folder as it is now, or another --out"
+    )
+
+
 def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
     settings_path = location.path("_done", "build.json")
     if plan.config.overwrite and location.exists(location.root):
@@ -332,6 +412,7 @@ def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
                 f"{location.url} already holds a build with different settings ({', '.join(changed)} differ); "
                 "use --overwrite to start over, or another --out (use `posedata extend` to add features)"
             )
+        check_inputs_unchanged(location, plan)
     elif location.exists(location.path(CARD)):
         raise BuildError(f"{location.url} already holds a dataset; use --overwrite to start over or another --out")
     else:
@@ -339,6 +420,7 @@ def _prepare_output(location: DatasetLocation, plan: BuildPlan, echo) -> None:
             location.write_json(settings_path, plan.settings())
         except OSError as e:
             raise BuildError(f"--out {location.url}: cannot write there ({e.strerror or e}); choose a folder you can write to") from None
+        location.write_parquet(location.path(DONE, INPUTS_LISTING), input_listing(plan))
     _remove_stale_temporaries(location, plan)
     # The scan rejects are part of the result; written once, up front.
     location.write_parquet(
@@ -391,7 +473,29 @@ def _remove_stale_temporaries(location: DatasetLocation, plan: BuildPlan) -> Non
 # ---- finishing ------------------------------------------------------------------------------
 
 
-def finalize(plan: BuildPlan, location: DatasetLocation, started: float) -> dict[str, Any]:
+def split_names(plan: BuildPlan) -> list[str]:
+    """Every split the source named: planned shards, scan rejects, shipped pair lists."""
+    named = {t.split for t in plan.tasks} | {r.split for r in plan.scan.rejects if r.split} | set(plan.scan.pairs)
+    return sorted(named)
+
+
+def reconcile(plan: BuildPlan, location: DatasetLocation, markers: pa.Table) -> None:
+    """Every planned input is in exactly one done-marker row (manifest or reject), and
+    nothing else is: otherwise stop before the manifest and the card are written, naming the
+    difference."""
+    expected = collections.Counter(row.get("source_path") or row["path"] for task in plan.tasks for row in task_rows(plan, task))
+    got = collections.Counter(markers["source_path"].to_pylist())
+    if got == expected:
+        return
+    missing, extra = sorted((expected - got).elements()), sorted((got - expected).elements())
+    parts = [f"{len(missing)} planned inputs not in any shard's rows (e.g. {missing[0]})" if missing else "", f"{len(extra)} rows that were not planned (e.g. {extra[0]})" if extra else ""]
+    raise BuildError(
+        f"{location.url}: reconciliation failed: {'; '.join(p for p in parts if p)}; the dataset card was not written. "
+        "Rerun with --overwrite to rebuild it"
+    )
+
+
+def finalize(plan: BuildPlan, location: DatasetLocation, started: float, echo: Callable[[str], None] = print) -> dict[str, Any]:
     import pyarrow.compute as pc
 
     markers = pa.concat_tables([location.read_parquet(location.done_marker(t.name)) for t in plan.tasks])
@@ -399,12 +503,23 @@ def finalize(plan: BuildPlan, location: DatasetLocation, started: float) -> dict
     failed = markers.filter(pc.equal(markers["status"], "rejected"))
     failed = pa.table({"source_path": failed["source_path"], "key": failed["key"], "split": failed["split"], "stage": failed["stage"], "reason": failed["reason"]}, schema=REJECTS_SCHEMA)
     rejects = pa.concat_tables([location.read_parquet(location.path("_done", "scan.parquet")).cast(REJECTS_SCHEMA), failed])
-    location.write_parquet(location.path(MANIFEST), manifest)
+    reconcile(plan, location, markers)  # before anything final is written
+
     location.write_parquet(location.path(REJECTS), rejects)
+    if len(manifest) == 0:
+        reasons = collections.Counter(f"{s}: {_reason_kind(r)}" for s, r in zip(rejects["stage"].to_pylist(), rejects["reason"].to_pylist()))
+        echo(format_reasons(reasons))
+        raise BuildError(
+            f"nothing written: all {len(rejects)} inputs were rejected (reasons above; every one in "
+            f"{location.url_of(location.path(REJECTS))}); no dataset card was written"
+        )
+    location.write_parquet(location.path(MANIFEST), manifest)
 
     pair_counts = write_pairs(plan, location, manifest)
     splits: dict[str, Any] = {}
-    for split in sorted(set(manifest["split"].to_pylist())):
+    for split in split_names(plan):
+        # A split whose every input was rejected stays listed, with 0 samples (and its empty
+        # shards), so the card, verify, show and train all say the same about it.
         shards = sorted({t.name for t in plan.tasks if t.split == split})
         splits[split] = {"samples": manifest["split"].to_pylist().count(split), "shards": shards, **pair_counts.get(split, {})}
     notes = count_notes(markers.filter(pc.equal(markers["status"], "ok"))["notes"].to_pylist())
@@ -456,7 +571,7 @@ def write_pairs(plan: BuildPlan, location: DatasetLocation, manifest: pa.Table) 
     shard_of = dict(zip(manifest["key"].to_pylist(), manifest["shard"].to_pylist()))
     group_of = dict(zip(manifest["key"].to_pylist(), manifest["group"].to_pylist()))
     out: dict[str, dict[str, Any]] = {}
-    for split in sorted(set(manifest["split"].to_pylist())):
+    for split in split_names(plan):
         keys = [k for k, s in zip(manifest["key"].to_pylist(), manifest["split"].to_pylist()) if s == split]
         imported = plan.scan.pairs.get(split)
         if imported is not None:
@@ -487,6 +602,11 @@ def write_pairs(plan: BuildPlan, location: DatasetLocation, manifest: pa.Table) 
     return out
 
 
+def format_reasons(reasons: dict[str, int]) -> str:
+    """The rejects of a build, counted by stage and kind of reason, most frequent first."""
+    return "\n".join(f"    {n:>6}  {reason}" for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         "",
@@ -495,8 +615,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  written    {summary['written']:>8}   " + "  ".join(f"{k}={v}" for k, v in summary["splits"].items()),
         f"  rejected   {summary['rejected']:>8}",
     ]
-    for reason, n in summary["rejects_by_reason"].items():
-        lines.append(f"    {n:>6}  {reason}")
+    if summary["rejects_by_reason"]:
+        lines.append(format_reasons(summary["rejects_by_reason"]))
     leak = duplicates_text(summary.get("duplicates_across_splits") or {})
     if leak:
         lines.append(f"  duplicates {leak}")

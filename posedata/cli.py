@@ -25,7 +25,26 @@ def parse_resolution(value: str | None) -> tuple[int, int] | None:
         raise click.BadParameter(f"{value!r}: expected HxW as the papers write it, e.g. 512x352 (512 high, 352 wide)") from None
     if h < 16 or w < 16 or h % 8 or w % 8:
         raise click.BadParameter(f"{value!r}: height and width must be multiples of 8 and at least 16 (the VAE works at 1/8)")
+    if h > MAX_STORED_SIDE or w > MAX_STORED_SIDE:
+        raise click.BadParameter(f"{value!r}: at most {MAX_STORED_SIDE} pixels per side (the papers train at 256x176 to 1024x768)")
     return h, w
+
+
+MAX_STORED_SIDE = 8192
+
+
+def parse_batch_sizes(values: tuple[str, ...]) -> dict[str, int]:
+    """--batch-size FEATURE=N, N a whole number >= 1 (which features exist is checked once
+    the build knows its features)."""
+    sizes = {}
+    for feature, value in parse_assignments(values, "FEATURE=N").items():
+        try:
+            sizes[feature] = int(value)
+        except ValueError:
+            raise click.BadParameter(f"{feature}={value}: the batch size must be a whole number, e.g. {feature}=8", param_hint="--batch-size") from None
+        if sizes[feature] < 1:
+            raise click.BadParameter(f"{feature}={value}: the batch size must be at least 1", param_hint="--batch-size")
+    return sizes
 
 
 def parse_assignments(values: tuple[str, ...], what: str) -> dict[str, str]:
@@ -99,10 +118,10 @@ def build_options(fn):
         click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True, help="pretrained: real weights from hub ids / local dirs; random: full-size random init (benchmarks); tiny: tiny random models (tests, CPU)."),
         click.option("--model", "models", multiple=True, help="FEATURE=HUB_ID_OR_DIR: override a feature's pretrained model, e.g. clip=/models/clip-vit-h."),
         click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default="fp16", show_default=True, help="Storage dtype of embeddings and latents (fp8: e4m3 with a per-tensor scale)."),
-        click.option("--shard-size", type=int, default=1000, show_default=True, help="Target samples per shard (groups are never split)."),
+        click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Target samples per shard (groups are never split)."),
         click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True, help="ray: Ray Data job (embedded local Ray, or --address); local: one process, for debugging."),
         click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto or ray://head:10001)."),
-        click.option("--workers", type=int, default=None, help="Actors per extractor when running on CPU (GPUs: one per GPU share)."),
+        click.option("--workers", type=click.IntRange(min=1), default=None, help="Actors per extractor when running on CPU (GPUs: one per GPU share)."),
         click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor."),
         click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP),
         click.option("--flip", is_flag=True, help="vae: also store the latents of the horizontally flipped image (flip augmentation with cached latents)."),
@@ -128,7 +147,6 @@ def _feature_specs(features: str | None, preset: str | None) -> list[str] | None
 
 def _run_build(source: str, source_options: dict, **kw) -> None:
     from posedata.build import BuildConfig, build as run_build
-    from posedata.sources import SourceError
 
     config = BuildConfig(
         source=source,
@@ -145,14 +163,11 @@ def _run_build(source: str, source_options: dict, **kw) -> None:
         executor=kw["executor"],
         address=kw["address"],
         workers=kw["workers"],
-        batch_sizes={k: int(v) for k, v in parse_assignments(kw["batch_sizes"], "FEATURE=N").items()},
+        batch_sizes=parse_batch_sizes(kw["batch_sizes"]),
         overwrite=kw["overwrite"],
         flip=kw["flip"],
     )
-    try:
-        run_build(config, echo=click.echo)
-    except (SourceError, KeyError) as e:
-        raise click.ClickException(str(e).strip("'\"")) from None
+    run_build(config, echo=click.echo)  # errors: PosedataGroup
 
 
 @build.command("deepfashion")
@@ -191,7 +206,7 @@ def build_folder(group_regex, test_fraction, split_seed, **kw) -> None:
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default=None, help="Storage dtype (default: the dataset's).")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
 @click.option("--address", default=None, help="Join a running Ray cluster.")
-@click.option("--workers", type=int, default=None, help="Actors per extractor when running on CPU.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Actors per extractor when running on CPU.")
 @click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor.")
 @click.option("--flip", is_flag=True, help="vae: also store the latents of the horizontally flipped image.")
 @click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
@@ -206,7 +221,7 @@ def extend(url, features, preset, models, batch_sizes, storage_options, **kw) ->
         url=url,
         features=specs,
         models=parse_assignments(models, "FEATURE=HUB_ID_OR_DIR"),
-        batch_sizes={k: int(v) for k, v in parse_assignments(batch_sizes, "FEATURE=N").items()},
+        batch_sizes=parse_batch_sizes(batch_sizes),
         storage_options=parse_storage_options(storage_options),
         **kw,
     )
@@ -226,10 +241,7 @@ def inspect(url: str, storage_options: str | None) -> None:
     """Print the card, counts per split, features with fingerprints, rejects by reason."""
     from posedata.inspect import describe
 
-    try:
-        click.echo(describe(url, parse_storage_options(storage_options)))
-    except FileNotFoundError as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(describe(url, parse_storage_options(storage_options)))
 
 
 @main.command()
@@ -258,10 +270,7 @@ def show(url: str, out: str, count: int, split: str | None, storage_options: str
     """Draw a contact sheet: image, pose overlays (and parsing), plus the rejects."""
     from posedata.show import contact_sheet
 
-    try:
-        click.echo(contact_sheet(url, out, count=count, split=split, storage_options=parse_storage_options(storage_options)))
-    except FileNotFoundError as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(contact_sheet(url, out, count=count, split=split, storage_options=parse_storage_options(storage_options)))
 
 
 # ---- training and sampling --------------------------------------------------------------------

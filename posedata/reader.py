@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow.compute as pc
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from posedata.layout import MANIFEST, DatasetLocation
+from posedata.errors import PosedataError
+from posedata.layout import CARD, MANIFEST, DatasetLocation
 from posedata.shards import decode_array, decode_stored_output
 
 BASE = "__base__"  # pseudo feature: the base shard (image + meta)
@@ -31,8 +32,16 @@ ON_CORRUPT = ("raise", "skip")
 log = logging.getLogger("posedata.reader")
 
 
-class ShardError(RuntimeError):
+class ShardError(PosedataError, RuntimeError):
     """A shard or sidecar that cannot be read, or whose keys do not line up; names both."""
+
+
+class DatasetError(PosedataError, KeyError):
+    """A dataset that is not what was asked for: no such split or feature, a split without
+    samples, a damaged card. A KeyError for callers that catch one; its message unquoted."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,10 @@ class Dataset:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.location = DatasetLocation(url, storage_options or {})
-        self.card = self.location.card()
+        try:
+            self.card = self.location.card()
+        except ValueError as e:  # json.JSONDecodeError: a truncated or damaged card
+            raise DatasetError(f"{self.location.url_of(self.location.path(CARD))}: not a readable dataset card ({e}); rebuild the dataset or restore the file") from None
         self._manifest = None
 
     @property
@@ -78,7 +90,7 @@ class Dataset:
 
     def shards(self, split: str) -> list[str]:
         if split not in self.card["splits"]:
-            raise KeyError(f"{self.location.url}: no split {split!r}; splits: {', '.join(self.card['splits'])}")
+            raise DatasetError(f"{self.location.url}: no split {split!r}; splits: {', '.join(self.card['splits'])}")
         return list(self.card["splits"][split]["shards"])
 
     def column(self, need: str | tuple[str, ...]) -> Column:
@@ -90,7 +102,7 @@ class Dataset:
             if found:
                 folder, feature = found
                 return Column(names[0].split("@")[0].split(":")[0], folder, tuple(feature["outputs"]))
-        raise KeyError(f"{self.location.url}: no feature {' or '.join(names)}; features here: {', '.join(self.card['features']) or 'none'}")
+        raise DatasetError(f"{self.location.url}: no feature {' or '.join(names)}; features here: {', '.join(self.card['features']) or 'none'}")
 
     def null_embedding(self, column: Column, suffix: str) -> np.ndarray:
         output = suffix.removesuffix(".npy")
@@ -144,6 +156,13 @@ class Dataset:
         if read < len(expected):
             files = ", ".join(self.location.url_of(path) for _, path in sources)
             raise ShardError(f"{files}: {read} samples read, the manifest lists {len(expected)} for shard {shard} (truncated or incomplete)")
+
+    def require_samples(self, split: str) -> None:
+        """Raise the one-line error for a split that is listed but has no samples (every input
+        of it was rejected), instead of an empty stream failing later."""
+        self.shards(split)
+        if not self.card["splits"][split].get("samples", 1):
+            raise DatasetError(f"{self.location.url}: split {split!r} has no samples (every input of it was rejected; `posedata inspect {self.location.url}` lists why)")
 
     def samples(self, split: str, needs: Sequence[str | tuple[str, ...]] = (), pixels: bool = False, limit: int | None = None) -> Iterator[dict[str, Any]]:
         columns = [self.column(n) for n in needs]
@@ -235,6 +254,7 @@ class PairStream:
 
     def _index(self) -> list[str]:
         """Read what the stream forms items from (the pair table); the shards that have any."""
+        self.dataset.require_samples(self.split)
         table = self.dataset.pairs(self.split)
         self.pairs_by_shard: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
         self.skipped_across_shards = 0
@@ -322,6 +342,7 @@ class GroupStream(PairStream):
         super().__init__(dataset, split, needs, **options)
 
     def _index(self) -> list[str]:
+        self.dataset.require_samples(self.split)
         manifest = self.dataset.manifest
         rows = manifest.filter(pc.equal(manifest["split"], self.split))
         members: dict[tuple[str, str], list[tuple[int, str]]] = collections.defaultdict(list)

@@ -27,7 +27,9 @@ OVERLAY_FEATURES = ("parsing",)
 
 def contact_sheet(url: str, out: str, count: int = 8, split: str | None = None, storage_options: dict[str, Any] | None = None, max_rejects: int = 8) -> str:
     ds = Dataset(url, storage_options)
-    split = split or next(iter(ds.card["splits"]))
+    if split is None:  # the first split that has samples
+        split = next((s for s, info in ds.card["splits"].items() if info.get("samples")), next(iter(ds.card["splits"])))
+    ds.require_samples(split)
     height, width = ds.resolution
     cell_w = round(width * CELL_HEIGHT / height)
     names = {c["name"] for c in ds.card["features"].values()}

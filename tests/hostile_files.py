@@ -5,7 +5,9 @@ Display P3 ICC profile, and a helper that reproduces a finished build's accounti
 from __future__ import annotations
 
 import io
+import os
 import random
+import shutil
 import struct
 
 import numpy as np
@@ -152,3 +154,13 @@ def hostile_corpus(per_format: int, seed: int = 0) -> list[tuple[str, bytes]]:
             else:
                 corpus.append((ext, mutate(data, rng)))
     return corpus
+
+
+def unreadable_runner() -> tuple[list[str], str | None]:
+    """(command prefix that makes a mode-000 file unreadable for the build, or why not)."""
+    if os.geteuid() != 0:
+        return [], None
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--bounding-set=-dac_override,-dac_read_search"], None
+    return [], "running as root without setpriv: a mode-000 file is readable, so the unreadable input is left out"

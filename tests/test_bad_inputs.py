@@ -34,7 +34,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import warnings
@@ -44,6 +43,8 @@ import numpy as np
 import pandas as pd
 import webdataset as wds
 from PIL import Image, ImageDraw
+
+from hostile_files import unreadable_runner
 
 POSEDATA = str(Path(sys.executable).with_name("posedata"))
 RES = (128, 96)  # H, W
@@ -62,16 +63,6 @@ def landscape() -> Image.Image:
     ground = np.tile(np.array([70, 120, 50], np.uint8), (h - len(sky), 1))
     rows = np.concatenate([sky, ground])
     return Image.fromarray(np.repeat(rows[:, None, :], w, axis=1), "RGB")
-
-
-def unreadable_runner() -> tuple[list[str], str | None]:
-    """(command prefix that makes a mode-000 file unreadable for the build, or why not)."""
-    if os.geteuid() != 0:
-        return [], None
-    setpriv = shutil.which("setpriv")
-    if setpriv:
-        return [setpriv, "--bounding-set=-dac_override,-dac_read_search"], None
-    return [], "running as root without setpriv: a mode-000 file is readable, so the unreadable input is left out"
 
 
 class Inputs:
