@@ -69,7 +69,7 @@ from posedata.train.run import batches_factory, collated_loader, load_null_embed
 FIXTURES = Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures")) / "deepfashion"
 RESULTS = REPO / "bench" / "results"
 KEYPOINT_NEEDS = ("openpose", "keypoints_annotated")
-GOALS = {"pcdm-prior": 15.0, "pcdm-inpaint": 1.5, "pcdm-refine": 1.5, "truepose": 1.5, "imagpose": 1.5}
+GOALS = {"pcdm-prior": 15.0, "pcdm-inpaint": 1.5, "pcdm-refine": 1.5, "truepose": 1.5, "imagpose": 1.5, "reposedm": 1.5}
 LOADER_OVERHEAD_GOAL = 0.05
 
 
@@ -183,6 +183,26 @@ def online_imagpose(enc: Encoders, groups: list[dict[str, Any]], batch: dict[str
     batch["image_tokens"] = enc.dinov2(reference)
 
 
+def online_reposedm(enc: Encoders, pairs: list[dict[str, Any]], batch: dict[str, torch.Tensor]) -> None:
+    # RePoseDM (no public code; sec. 3.1-3.3): VAE on the source, the target and the target
+    # pose image (the OpenPose skeleton, drawn from the keypoints as a dataloader would), and
+    # HigherHRNet's backbone on that pose image (P_phi(P) of eq. 11)
+    from posedata.render import draw_openpose
+
+    src, tgt = images(pairs, "source"), images(pairs, "target")
+    height, width = tgt[0].shape[:2]
+    poses = [draw_openpose(np.asarray(p["target"]["openpose.keypoints"]), height, width) for p in pairs]
+    batch["source_mean"], batch["source_std"] = enc.vae(src)
+    batch["target_mean"], batch["target_std"] = enc.vae(tgt)
+    keep = batch["keep"].bool()  # a dropped pair keeps the empty skeleton's latent
+    mean, std = enc.vae(poses)
+    batch["pose_mean"][keep], batch["pose_std"][keep] = mean[keep].to(batch["pose_mean"].dtype), std[keep].to(batch["pose_std"].dtype)
+    hrnet = enc.by_name["higherhrnet"]
+    with torch.no_grad():
+        x = torch.as_tensor(np.stack(poses)).to(enc.device).permute(0, 3, 1, 2).float() / 255.0
+        batch["pose_features"] = hrnet.net.pose_features(x).float()
+
+
 @dataclass(frozen=True)
 class Stage:
     """One row of the benchmark: the plugin, the dataset features it trains from, the
@@ -192,6 +212,8 @@ class Stage:
     features: tuple[str, ...]
     encoders: tuple[str, ...]
     online: Callable[[Encoders, list[dict[str, Any]], dict[str, torch.Tensor]], None]
+    options: tuple[tuple[str, Any], ...] = ()  # the plugin's train options (e.g. RePoseDM's guidance off)
+    loader_needs: tuple[str, ...] = ()  # stored features the online loader reads besides pixels (keypoints)
 
 
 STAGES = {
@@ -200,6 +222,12 @@ STAGES = {
     "pcdm-refine": Stage("pcdm-refine", ("vae:sd21", "dinov2:giant"), ("vae:sd21", "dinov2:giant"), online_refine),
     "truepose": Stage("truepose", ("openpose", "vae:sd15", "parsing", "clip_regions"), ("vae:sd15", "parsing", "clip_regions"), online_truepose),
     "imagpose": Stage("imagpose", ("openpose:full", "vae:sd15", "dinov2:base"), ("vae:sd15", "dinov2:base"), online_imagpose),
+    # with the pose guidance (decoder + HigherHRNet forward / backward in every step), and
+    # without it (ablation B2): the difference is the guidance's own cost
+    "reposedm": Stage("reposedm", ("openpose", "vae:sd15", "higherhrnet", "pose_latent:sd15"), ("vae:sd15", "higherhrnet"), online_reposedm,
+                      loader_needs=("openpose",)),
+    "reposedm-b2": Stage("reposedm", ("openpose", "vae:sd15", "higherhrnet", "pose_latent:sd15"), ("vae:sd15", "higherhrnet"), online_reposedm,
+                         options=(("pose_guidance", 0.0),), loader_needs=("openpose",)),
 }
 
 
@@ -285,22 +313,25 @@ def timed(run_one: Callable[[], float], warmup: int, steps: int, device: str) ->
 
 def bench_stage(stage: Stage, dataset: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
-    plugin = plugin_class(stage.plugin)(dataset.card, weights=args.weights)
+    plugin = plugin_class(stage.plugin)(dataset.card, weights=args.weights, **dict(stage.options))
     plugin.set_null_embeddings(load_null_embeddings(dataset, plugin))
     torch.manual_seed(0)
     model = plugin.build_model().to(device).train()
     step = Step(plugin, model, device, args.mixed_precision)
     bs, seed = args.batch_size, 0
-    result: dict[str, Any] = {"plugin": stage.plugin, "batch_size": bs, "model_parameters": sum(p.numel() for p in model.parameters()),
+    label = stage.plugin + "".join(f" {k}={v}" for k, v in stage.options)
+    result: dict[str, Any] = {"plugin": label, "batch_size": bs, "model_parameters": sum(p.numel() for p in model.parameters()),
                               "encoders": list(stage.encoders), "modes": {}}
 
     # (a) online: images + keypoints from the reader, encoders inside the step
     encoders = Encoders(stage.encoders, args.weights, dataset.resolution, device, dataset.card["build"].get("dtype", "fp16"))
     # clip_regions runs the clip extractor it composes
-    result["encoder_parameters"] = {n: sum(p.numel() for p in getattr(e, "clip", e)._model.parameters()) for n, e in encoders.by_name.items()}
+    # (HigherHRNet keeps its network as `net`)
+    result["encoder_parameters"] = {n: sum(p.numel() for p in (getattr(getattr(e, "clip", e), "_model", None) or e.net).parameters())
+                                    for n, e in encoders.by_name.items()}
     fill = placeholders(dataset, plugin)
     groups = getattr(plugin, "stream", "pairs") == "groups"  # IMAGPose: groups of four images
-    pixels = (GroupStream if groups else PairStream)(dataset, args.split, keypoint_needs(plugin), pixels=True, seed=seed)
+    pixels = (GroupStream if groups else PairStream)(dataset, args.split, keypoint_needs(plugin) + stage.loader_needs, pixels=True, seed=seed)
     online_pairs = collated_loader(pixels, ListCollate, bs, args.num_workers, seed)
     wait = [0.0]
 
