@@ -39,6 +39,8 @@ SAMPLES_COLUMNS = ("source_key", "target_key", "file")
 METRICS_FILE = "metrics.json"
 SHEET_FILE = "metrics_sheet.png"
 POSE = ("keypoints_annotated", "openpose")  # the target pose the body masks are drawn from
+CHUNK = 32  # pairs measured together (LPIPS and Inception batches)
+FID_KINDS = {"fid": "torchvision", "fid_tf": "tf"}
 WEIGHT_ROLES = {"lpips": "alexnet", "mask_lpips": "alexnet", "fid": "inception", "fid_tf": "tf_inception"}
 HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mask_ssim": True, "lpips": False, "mask_lpips": False, "fid": False, "fid_tf": False}
 
@@ -78,94 +80,137 @@ def evaluate(
     proto = create_protocol(protocol, dataset.resolution)
     market = (dataset.card.get("source") or {}).get("name") == "market1501"
     wanted, notes = choose_metrics(proto, metrics, market, dataset, weights, seed)
-
     if weights == "pretrained":  # every missing weight file now, before any work
         for role in sorted({WEIGHT_ROLES[m] for m in wanted if m in WEIGHT_ROLES}):
             weight_file(role)
-    keys = {k for p in pairs for k in (p["source_key"], p["target_key"])}
-    stored = stored_samples(dataset, keys, need_pose=any(m.startswith("mask_") for m in wanted))
-    wrong_split = [p["target_key"] for p in pairs if stored[p["target_key"]]["split"] != split]
+    located = locate(dataset, {k for p in pairs for k in (p["source_key"], p["target_key"])})
+    wrong_split = [p["target_key"] for p in pairs if located[p["target_key"]][1] != split]
     if wrong_split:
-        raise EvalError(f"{len(wrong_split)} target(s) are not in split {split!r} of {dataset.location.url} (e.g. {wrong_split[0]!r} is in {stored[wrong_split[0]]['split']!r}); pass --split")
+        raise EvalError(f"{len(wrong_split)} target(s) are not in split {split!r} of {dataset.location.url} (e.g. {wrong_split[0]!r} is in {located[wrong_split[0]][1]!r}); pass --split")
+    references = {name: reference_features(dataset, proto, kind, weights, seed, reference_split) for name, kind in FID_KINDS.items() if name in wanted}
 
     echo(f"posedata eval {samples_dir}: {len(pairs)} pairs, protocol {proto.name} ({', '.join(wanted)}; weights: {weights})")
-    truths, generated = [], []
-    for p in pairs:
-        truth = proto.truth_file(stored[p["target_key"]]["image"])
-        truths.append(truth)
-        generated.append(proto.generated_file(read_generated(samples_dir_path / p["file"]), truth.shape[:2]))
-
+    measure = PairMeasures(proto, wanted, weights, seed, device)
     per_pair: list[dict[str, Any]] = [dict(p) for p in pairs]
+    features = {name: [None] * len(pairs) for name in references}
+    by_shard: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        by_shard.setdefault(located[p["target_key"]][0], []).append(i)
+    columns = [dataset.column(POSE)] if measure.masked else []
+    from tqdm import tqdm
+
+    with tqdm(total=len(pairs), desc="eval", unit="pair", file=sys.stderr, leave=False) as bar:
+        # Shard by shard, a chunk of pairs at a time: a full test set never sits in memory.
+        for shard in sorted(by_shard):
+            wanted_keys = {pairs[i]["target_key"] for i in by_shard[shard]}
+            targets = {s["__key__"]: s for s in dataset.read_shard(shard, columns, pixels=True) if s["__key__"] in wanted_keys}
+            for at in range(0, len(by_shard[shard]), CHUNK):
+                chunk = by_shard[shard][at : at + CHUNK]
+                files = [measure.files(targets[pairs[i]["target_key"]], samples_dir_path / pairs[i]["file"]) for i in chunk]
+                for i, values in zip(chunk, measure.per_pair(files, [targets[pairs[i]["target_key"]] for i in chunk])):
+                    per_pair[i].update(values)
+                for name, rows in measure.fid_features(files, list(references)).items():
+                    for i, row in zip(chunk, rows):
+                        features[name][i] = row
+                bar.update(len(chunk))
+
     results: dict[str, Any] = {}
     counted: dict[str, int] = {}
-    masks = None
-    if any(m.startswith("mask_") for m in wanted):
-        masks = [target_mask(stored[p["target_key"]], t.shape[:2]) for p, t in zip(pairs, truths)]
-
-    if "ssim" in wanted or "mask_ssim" in wanted:
-        for i, (g, t) in enumerate(progress(list(zip(generated, truths)), "ssim")):
-            if "ssim" in wanted:
-                per_pair[i]["ssim"] = M.ssim(*proto.ssim_inputs(g, t), sigma=proto.ssim_sigma)
-            if "mask_ssim" in wanted:
-                per_pair[i]["mask_ssim"] = M.ssim(*proto.ssim_inputs(proto.masked(g, masks[i]), proto.masked(t, masks[i])), sigma=proto.ssim_sigma)
-        for name in ("ssim", "mask_ssim"):
-            if name in wanted:
-                results[name] = float(np.mean([r[name] for r in per_pair]))
-    if "psnr" in wanted:
-        for i, (g, t) in enumerate(zip(generated, truths)):
-            per_pair[i]["psnr"] = M.psnr(*proto.psnr_inputs(g, t))
-        results["psnr"] = float(np.mean([r["psnr"] for r in per_pair]))
-    if "lpips" in wanted or "mask_lpips" in wanted:
-        network = lpips_network(weights, seed, device)
-        used = counted["lpips"] = M.counted(len(pairs), proto.lpips_batch)
-        inputs = [proto.lpips_inputs(g, t) for g, t in zip(generated, truths)]
-        for name in ("lpips", "mask_lpips"):
-            if name not in wanted:
-                continue
-            if name == "mask_lpips":
-                inputs = [(proto.masked(a, m), proto.masked(b, m)) for (a, b), m in zip(inputs, masks)]
-            distances = M.lpips_distances(network, [a for a, _ in inputs], [b for _, b in inputs])
-            for r, d in zip(per_pair, distances):
-                r[name] = float(d)
-            results[name] = float(np.mean(distances[:used])) if used else None
-    for name, kind in (("fid", "torchvision"), ("fid_tf", "tf")):
+    for name in ("ssim", "mask_ssim", "psnr"):
         if name in wanted:
-            reference, folder = reference_features(dataset, proto, kind, weights, seed, reference_split)
-            network = FidNetwork(kind, weights, seed).to(device)
-            mine = network.features([proto.fid_input(g) for g in generated])
-            mine = mine[: M.counted(len(mine), proto.fid_batch)]
-            reference = reference[: M.counted(len(reference), proto.fid_batch)]
-            counted[f"{name}_generated"], counted[f"{name}_reference"] = len(mine), len(reference)
-            if len(mine) < 2 or len(reference) < 2:
-                results[name] = None
-                notes.append(f"{name}: needs at least 2 images on each side (have {len(mine)} generated, {len(reference)} reference)")
-            else:
-                results[name] = M.frechet_distance(mine, reference)
-            notes.append(f"{name}: reference features/{folder} (split {reference_split})")
-
+            results[name] = float(np.mean([r[name] for r in per_pair]))
+    used = M.counted(len(pairs), proto.lpips_batch)
+    for name in ("lpips", "mask_lpips"):
+        if name in wanted:
+            counted["lpips"] = used  # the pairs in sorted file order before the dropped last batch
+            results[name] = float(np.mean([r[name] for r in per_pair[:used]])) if used else None
+    for name, (reference, folder) in references.items():
+        mine = np.stack(features[name])
+        mine = mine[: M.counted(len(mine), proto.fid_batch)]
+        reference = reference[: M.counted(len(reference), proto.fid_batch)]
+        counted[f"{name}_generated"], counted[f"{name}_reference"] = len(mine), len(reference)
+        if len(mine) < 2 or len(reference) < 2:
+            results[name] = None
+            notes.append(f"{name}: needs at least 2 images on each side (have {len(mine)} generated, {len(reference)} reference)")
+        else:
+            results[name] = M.frechet_distance(mine, reference)
+        notes.append(f"{name}: reference features/{folder} (split {reference_split})")
     for name, value in results.items():
         if isinstance(value, float) and not math.isfinite(value):
             notes.append(f"{name} is {value} (a sample identical to its ground truth has infinite PSNR): written as null")
+
     report = {
         "protocol": proto.name,
         "n_pairs": len(pairs),
-        "metrics": {m: results.get(m) for m in wanted},
+        "metrics": {m: finite(results.get(m)) for m in wanted},
         "counted": counted,
         "settings": {**proto.describe(), "weights": weights, "seed": seed, "split": split, "reference_split": reference_split},
         "dataset": dataset.location.url,
         "notes": notes,
         "per_pair": [{k: finite(v) for k, v in r.items()} for r in per_pair],
     }
-    report["metrics"] = {k: finite(v) for k, v in report["metrics"].items()}
     (samples_dir_path / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    sheet = samples_dir_path / SHEET_FILE
-    from posedata.eval.sheet import best_and_worst_sheet
-
-    rank_by = next((m for m in ("lpips", "ssim", "mask_lpips", "mask_ssim", "psnr") if m in wanted), None)
-    best_and_worst_sheet(per_pair, stored, generated, truths, rank_by, not HIGHER_IS_BETTER.get(rank_by, False), sheet, sheet_pairs, f"{proto.name}: best and worst pairs by {rank_by}")
+    sheet = draw_sheet(dataset, measure, per_pair, samples_dir_path, sheet_pairs, located)
     echo(format_table(report))
     echo(f"wrote {samples_dir_path / METRICS_FILE} and {sheet} in {time.time() - started:.1f} s")
     return report
+
+
+class PairMeasures:
+    """The per-pair work of one evaluation: the protocol's files for a pair, then SSIM,
+    PSNR, LPIPS (batched) and the FID features of the generated images, with the networks
+    built once."""
+
+    def __init__(self, proto: Protocol, wanted: list[str], weights: str, seed: int, device: str):
+        self.proto, self.wanted = proto, wanted
+        self.masked = any(m.startswith("mask_") for m in wanted)
+        self.lpips = lpips_network(weights, seed, device) if {"lpips", "mask_lpips"} & set(wanted) else None
+        self.fid = {name: FidNetwork(kind, weights, seed).to(device) for name, kind in FID_KINDS.items() if name in wanted}
+
+    def files(self, target: dict[str, Any], generated_path: Path) -> tuple[np.ndarray, np.ndarray]:
+        """(generated, truth) as the protocol's script read them."""
+        truth = self.proto.truth_file(target["image"])
+        return self.proto.generated_file(read_generated(generated_path), truth.shape[:2]), truth
+
+    def per_pair(self, files: list[tuple[np.ndarray, np.ndarray]], targets: list[dict[str, Any]]) -> list[dict[str, float]]:
+        p, out = self.proto, [{} for _ in files]
+        masks = [target_mask(t, truth.shape[:2]) for t, (_, truth) in zip(targets, files)] if self.masked else None
+        for i, (g, t) in enumerate(files):
+            if "ssim" in self.wanted:
+                out[i]["ssim"] = M.ssim(*p.ssim_inputs(g, t), sigma=p.ssim_sigma)
+            if "mask_ssim" in self.wanted:
+                out[i]["mask_ssim"] = M.ssim(*p.ssim_inputs(p.masked(g, masks[i]), p.masked(t, masks[i])), sigma=p.ssim_sigma)
+            if "psnr" in self.wanted:
+                out[i]["psnr"] = M.psnr(*p.psnr_inputs(g, t))
+        if self.lpips is not None:
+            inputs = [p.lpips_inputs(g, t) for g, t in files]
+            if "lpips" in self.wanted:
+                for row, d in zip(out, M.lpips_distances(self.lpips, [a for a, _ in inputs], [b for _, b in inputs])):
+                    row["lpips"] = float(d)
+            if "mask_lpips" in self.wanted:  # GFLA masks the [-1, 1] images
+                masked = [(p.masked(a, m), p.masked(b, m)) for (a, b), m in zip(inputs, masks)]
+                for row, d in zip(out, M.lpips_distances(self.lpips, [a for a, _ in masked], [b for _, b in masked])):
+                    row["mask_lpips"] = float(d)
+        return out
+
+    def fid_features(self, files: list[tuple[np.ndarray, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
+        inputs = [self.proto.fid_input(g) for g, _ in files] if names else []
+        return {name: self.fid[name].features(inputs) for name in names}
+
+
+def draw_sheet(dataset: Dataset, measure: PairMeasures, per_pair: list[dict[str, Any]], samples_dir: Path, count: int, located) -> Path:
+    """The best and worst pairs by LPIPS (else SSIM, ...), re-read for the sheet only."""
+    from posedata.eval.sheet import best_and_worst_sheet, chosen_pairs
+
+    rank_by = next((m for m in ("lpips", "ssim", "mask_lpips", "mask_ssim", "psnr") if m in measure.wanted), None)
+    lower_is_better = not HIGHER_IS_BETTER.get(rank_by, False)
+    sections = chosen_pairs(per_pair, rank_by, lower_is_better, count)
+    shown = sorted({i for _, indices in sections for i in indices})
+    stored = stored_samples(dataset, {k for i in shown for k in (per_pair[i]["source_key"], per_pair[i]["target_key"])}, located)
+    files = {i: measure.files(stored[per_pair[i]["target_key"]], samples_dir / per_pair[i]["file"]) for i in shown}
+    rows = {i: (stored[per_pair[i]["source_key"]]["image"], *files[i]) for i in shown}
+    title = f"{measure.proto.name}: " + (f"best and worst pairs by {rank_by}" if rank_by else "pairs")
+    return best_and_worst_sheet(sections, per_pair, rows, samples_dir / SHEET_FILE, title)
 
 
 def read_samples(samples_dir: Path) -> list[dict[str, str]]:
@@ -244,18 +289,21 @@ def reference_features(dataset: Dataset, proto: Protocol, kind: str, weights: st
     return (np.stack(features) if features else np.zeros((0, 2048), np.float32)), folder
 
 
-def stored_samples(dataset: Dataset, keys: set[str], need_pose: bool) -> dict[str, dict[str, Any]]:
-    """The dataset's samples (stored image, split, and the pose for masks) of `keys`, read
-    shard by shard; a key the dataset lacks is an error naming it."""
+def locate(dataset: Dataset, keys: set[str]) -> dict[str, tuple[str, str]]:
+    """key -> (shard, split) from the manifest; a key the dataset lacks is an error naming it."""
     manifest = dataset.manifest.filter(pc.is_in(dataset.manifest["key"], value_set=pa.array(sorted(keys))))
-    found = dict(zip(manifest["key"].to_pylist(), manifest["shard"].to_pylist()))
+    found = {k: (shard, split) for k, shard, split in zip(manifest["key"].to_pylist(), manifest["shard"].to_pylist(), manifest["split"].to_pylist())}
     missing = sorted(keys - set(found))
     if missing:
         raise EvalError(f"{len(missing)} key(s) of {SAMPLES_TABLE} are not in {dataset.location.url} (e.g. {missing[0]!r}): are these samples of another dataset?")
-    columns = [dataset.column(POSE)] if need_pose else []
+    return found
+
+
+def stored_samples(dataset: Dataset, keys: set[str], located: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """The dataset's samples (stored image) of `keys`, read shard by shard."""
     out = {}
-    for shard in sorted(set(found.values())):
-        for s in dataset.read_shard(shard, columns, pixels=True):
+    for shard in sorted({located[k][0] for k in keys}):
+        for s in dataset.read_shard(shard, [], pixels=True):
             if s["__key__"] in keys:
                 out[s["__key__"]] = s
     return out
@@ -268,12 +316,6 @@ def target_mask(sample: dict[str, Any], size: tuple[int, int]) -> np.ndarray:
     keypoints[:, 0] *= size[1] / w
     keypoints[:, 1] *= size[0] / h
     return body_mask(keypoints, size)
-
-
-def progress(items: list, what: str):
-    from tqdm import tqdm
-
-    return tqdm(items, desc=what, unit="pair", file=sys.stderr, leave=False)
 
 
 def finite(value: Any) -> Any:

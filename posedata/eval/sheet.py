@@ -16,33 +16,25 @@ PAD = 8
 HEADERS = ("source", "generated", "ground truth")
 
 
-def best_and_worst_sheet(
-    per_pair: list[dict[str, Any]],
-    stored: dict[str, dict[str, Any]],
-    generated: list[np.ndarray],
-    truths: list[np.ndarray],
-    rank_by: str | None,
-    lower_is_better: bool,
-    path: Path,
-    count: int,
-    title: str,
-) -> Path:
-    """`count` best and `count` worst pairs by `rank_by` (all pairs, in order, when there
-    are no more than 2 x count, or no metric to rank by)."""
+def chosen_pairs(per_pair: list[dict[str, Any]], rank_by: str | None, lower_is_better: bool, count: int) -> list[tuple[str, list[int]]]:
+    """[(label, pair indices)]: the `count` best and `count` worst pairs by `rank_by`, or
+    all pairs (best first) when there are no more than 2 x count."""
     order = list(range(len(per_pair)))
     if rank_by is not None:
         order.sort(key=lambda i: _sort_value(per_pair[i].get(rank_by), lower_is_better))
     if len(order) > 2 * count:
-        sections = [("best", order[:count]), ("worst", order[-count:][::-1])]
-    else:
-        sections = [("all pairs, best first" if rank_by else "all pairs", order)]
+        return [("best", order[:count]), ("worst", order[-count:][::-1])]
+    return [("all pairs, best first" if rank_by else "all pairs", order)]
 
-    cell_w = max(round(CELL_HEIGHT * t.shape[1] / t.shape[0]) for t in truths)
+
+def best_and_worst_sheet(sections: list[tuple[str, list[int]]], per_pair: list[dict[str, Any]], rows: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
+    """One row per chosen pair: source | generated | ground truth (the last two as the
+    protocol measured them), the keys and the pair's numbers underneath."""
+    cell_w = max(round(CELL_HEIGHT * truth.shape[1] / truth.shape[0]) for _, _, truth in rows.values())
     font = ImageFont.load_default()
-    rows = sum(len(idx) for _, idx in sections)
+    n_rows = sum(len(indices) for _, indices in sections)
     width = len(HEADERS) * (cell_w + PAD) + PAD
-    height = 44 + len(sections) * 22 + rows * (CELL_HEIGHT + CAPTION)
-    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    sheet = Image.new("RGB", (width, 44 + len(sections) * 22 + n_rows * (CELL_HEIGHT + CAPTION)), BACKGROUND)
     draw = ImageDraw.Draw(sheet)
     draw.text((PAD, 6), title, fill=TEXT, font=font)
     for c, name in enumerate(HEADERS):
@@ -53,8 +45,7 @@ def best_and_worst_sheet(
         y += 22
         for i in indices:
             pair = per_pair[i]
-            cells = (stored[pair["source_key"]]["image"], generated[i], truths[i])
-            for c, cell in enumerate(cells):
+            for c, cell in enumerate(rows[i]):
                 sheet.paste(_fit(cell, cell_w), (PAD + c * (cell_w + PAD), y))
             numbers = "  ".join(f"{k} {pair[k]:.4f}" for k in ("lpips", "ssim", "psnr", "mask_lpips", "mask_ssim") if isinstance(pair.get(k), float))
             draw.text((PAD, y + CELL_HEIGHT + 3), _clip(f"{pair['source_key']} -> {pair['target_key']}", width), fill=TEXT, font=font)
