@@ -332,7 +332,7 @@ def test_ray_build_exits_0_and_writes_the_documented_layout(ray_build, tree):
         assert len(fingerprint) == 12 and int(fingerprint, 16) >= 0
         assert feature["fingerprint"] == fingerprint
         assert sorted(p.stem for p in folder.glob("*.tar")) == shards
-    assert (feature_folder(out, "clip") / "null.embeds.npy").is_file()
+    assert (out / "meta" / "features" / feature_folder(out, "clip").name / "null.embeds.npy").is_file()
     assert not list(out.rglob(".tmp-*")), "temporary files left behind"
 
 
@@ -382,10 +382,10 @@ def test_every_input_is_in_the_manifest_or_in_rejects_with_a_reason(dataset, tre
     reason_of = dict(zip(rejects["source_path"], rejects["reason"]))
     stage_of = dict(zip(rejects["source_path"], rejects["stage"]))
     for name, words in tree.broken.items():
-        path = str(img / unflatten_name(name))
+        path = str((img / unflatten_name(name)).relative_to(tree.root))  # tables hold paths relative to --root
         assert words in reason_of[path], (name, reason_of.get(path))
         assert stage_of[path] == "decode"
-    unlisted = str(img / unflatten_name(tree.unlisted))
+    unlisted = str((img / unflatten_name(tree.unlisted)).relative_to(tree.root))
     assert "not listed" in reason_of[unlisted] and stage_of[unlisted] == "scan"
     assert "file not found" in reason_of[tree.missing] and stage_of[tree.missing] == "scan"
     assert set(rejects["key"]) == {key_of(n) for n in [*tree.broken, tree.unlisted, tree.missing]}
@@ -404,7 +404,8 @@ def test_manifest_reads_with_pyarrow_and_pandas(dataset, tree):
     assert table.num_rows == len(frame) == len(tree.good)
     assert table.column("key").to_pylist() == frame["key"].tolist()
     for row in frame.itertuples():
-        source = Path(row.source_path)
+        assert not Path(row.source_path).is_absolute()  # relative to --root: no path of the building machine
+        source = tree.root / row.source_path
         assert source.is_file()
         assert row.source_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
         assert row.group == source.parent.name == item_group(row.key)  # id_XXXXXXXX
@@ -432,7 +433,7 @@ def test_shards_and_sidecars_read_with_plain_webdataset(dataset, tree):
     openpose, clip, annotated = (feature_folder(dataset, n) for n in ("openpose", "clip", "keypoints_annotated"))
     embed_dim = card["features"][clip.name]["outputs"]["embeds.npy"]["shape"][0]
     assert isinstance(embed_dim, int) and embed_dim > 0
-    null = np.load(clip / "null.embeds.npy", allow_pickle=False)
+    null = np.load(dataset / "meta" / "features" / clip.name / "null.embeds.npy", allow_pickle=False)
     assert null.shape == (embed_dim,) and null.dtype == np.float16
 
     for shard in manifest["shard"].unique():
