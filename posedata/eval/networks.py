@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator
 from unittest import mock
@@ -91,12 +92,14 @@ def lpips_network(weights: str = "pretrained", seed: int = 0, device: str = "cpu
     import lpips
 
     check_weights(weights)
-    if weights == "pretrained":
-        weight_file("alexnet")  # torchvision then loads it from the hub cache
-        net = lpips.LPIPS(net="alex", version="0.1", verbose=False)
-    else:
-        torch.manual_seed(seed)
-        net = lpips.LPIPS(pretrained=False, net="alex", version="0.1", pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips 0.1.4 still calls torchvision with `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        if weights == "pretrained":
+            weight_file("alexnet")  # torchvision then loads it from the hub cache
+            net = lpips.LPIPS(net="alex", version="0.1", verbose=False)
+        else:
+            torch.manual_seed(seed)
+            net = lpips.LPIPS(pretrained=False, net="alex", version="0.1", pnet_rand=True, verbose=False)
         with torch.no_grad():  # LPIPS's training keeps its linear weights non-negative
             for p in net.lins.parameters():
                 p.abs_()
