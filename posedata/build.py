@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pyarrow as pa
 
 import posedata
-from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_order, extractor_class, parse_spec, provider
+from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_order, extractor_class, extractor_options, parse_spec, provider
 from posedata.errors import PosedataError
 from posedata.extractors.base import Extractor
 from posedata.images import ImageRejected, NotRegularFile, read_source_bytes, store_image
@@ -166,8 +166,7 @@ def make_plan(config: BuildConfig) -> BuildPlan:
         model = config.models.get(spec) or config.models.get(name)
         if model:
             kwargs["model"] = model
-        if name == "vae" and config.flip:
-            kwargs["flip"] = True
+        kwargs.update(extractor_options(name, config))
         if name == "keypoints_annotated":
             keypoint_files = scan.info.get("keypoints", {}).get("from", [])
             kwargs["annotation_source"] = json.dumps({f: scan.info.get("files", {}).get(f, {}).get("sha256") for f in keypoint_files}, sort_keys=True)

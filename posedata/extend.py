@@ -25,7 +25,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from posedata.extractors import create_extractor, dependency_order, extractor_class, parse_spec, provider
+from posedata.extractors import create_extractor, dependency_order, extractor_class, extractor_options, parse_spec, provider
 from posedata.extractors.base import Extractor
 from posedata.interop import write_hub_card, write_wids_indexes
 from posedata.layout import CARD, FEATURE_CARD, META, DatasetLocation
@@ -79,8 +79,7 @@ def extend(config: ExtendConfig, echo: Callable[[str], None] = print) -> dict[st
         model = config.models.get(spec) or config.models.get(name)
         if model:
             kwargs["model"] = model
-        if name == "vae" and config.flip:
-            kwargs["flip"] = True
+        kwargs.update(extractor_options(name, config))
         deps = {}
         for dep in extractor_class(name).requires:
             source = provider(dep, specs)

@@ -3,6 +3,8 @@ single factory). Modules are imported lazily so `posedata inspect` never pays fo
 
 from __future__ import annotations
 
+from typing import Any
+
 from posedata.extractors.base import Extractor
 from posedata.registry import lookup
 
@@ -44,6 +46,12 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 def extractor_class(spec: str) -> type[Extractor]:
     name, _ = parse_spec(spec)
     return lookup(REGISTRY, name, "feature")
+
+
+def extractor_options(spec: str, config: Any) -> dict[str, Any]:
+    """The build / extend options an extractor declares (`build_options`) that are set in
+    `config` (a BuildConfig or ExtendConfig): e.g. {"flip": True} for the VAE with --flip."""
+    return {name: value for name in extractor_class(spec).build_options if (value := getattr(config, name, None))}
 
 
 def create_extractor(spec: str, upstream: dict[str, str] | None = None, **kwargs) -> Extractor:

@@ -92,6 +92,9 @@ class Extractor:
     gpu_share: ClassVar[float] = 1.0
     # True when the extractor runs a neural network (False: pure function of annotations).
     uses_model: ClassVar[bool] = True
+    # Options of `posedata build` / `extend` (BuildConfig / ExtendConfig fields) this extractor
+    # takes as keyword arguments when they are set, e.g. the VAE's ("flip",).
+    build_options: ClassVar[tuple[str, ...]] = ()
     # Folders of the features this one was computed from (set by `create_extractor`): part of
     # the fingerprint, so regions cut from another parser's maps get another folder.
     upstream: dict[str, str] = {}
@@ -213,3 +216,30 @@ def local_weights_digest(model: str) -> str | None:
             with open(path, "rb") as fh:
                 h.update(fh.read(1 << 20))
     return h.hexdigest()[:12]
+
+
+def file_digest(path: str) -> str:
+    """Name, size and first MiB of one weights file (cf. local_weights_digest for folders)."""
+    import os
+
+    h = hashlib.sha256()
+    h.update(os.path.basename(path).encode())
+    h.update(str(os.path.getsize(path)).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def resolve_preset(presets: dict[str, dict[str, Any]], default: str, preset: str | None, model: str | None) -> str:
+    """`preset=` names one; `model=` equal to a preset's hub id selects that preset; any other
+    model (a local directory, another hub id) keeps the named or default preset's
+    architecture facts for random/tiny modes."""
+    if preset is not None and preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(presets))}")
+    by_model = [name for name, spec in presets.items() if model is not None and spec["model"] == model]
+    if by_model:
+        if preset is not None and preset != by_model[0]:
+            raise ValueError(f"model {model!r} is preset {by_model[0]!r}, not {preset!r}")
+        return by_model[0]
+    return preset or default
+

@@ -39,6 +39,7 @@ from posedata.extractors.base import (
     stored_dtype_label,
     Extractor,
     OutputSpec,
+    resolve_preset,
     torch_dtype,
 )
 from posedata.extractors.clip import (
@@ -47,7 +48,6 @@ from posedata.extractors.clip import (
     SQUARE_SIZE,
     ClipExtractor,
 )
-from posedata.extractors.vae import resolve_preset
 
 # facebook/dinov2-giant config.json: ViT-g/14 with SwiGLU FFN (hidden 1536, 40 layers,
 # 24 heads, mlp_ratio 4 -> SwiGLU hidden (int(6144 * 2 / 3) + 7) // 8 * 8 = 4096).

@@ -62,7 +62,6 @@ their outputs stay finite in fp16.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from typing import Any
@@ -71,6 +70,7 @@ import numpy as np
 
 from posedata.extractors.base import (
     checked_image,
+    file_digest,
     stored_dtype_label,
     FEW_JOINTS,
     NOTES,
@@ -149,16 +149,6 @@ def render_pose_map(keypoints: np.ndarray, height: int, width: int) -> np.ndarra
     return draw_openpose(coco17_to_coco18(keypoints), height, width, score_threshold=RENDER_SCORE_THRESHOLD)
 
 
-def _file_digest(path: str) -> str:
-    """Name, size and first MiB of one weights file (cf. base.local_weights_digest for folders)."""
-    h = hashlib.sha256()
-    h.update(os.path.basename(path).encode())
-    h.update(str(os.path.getsize(path)).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(1 << 20))
-    return h.hexdigest()[:12]
-
-
 class HigherHRNetExtractor(Extractor):
     """HigherHRNet-W32 COCO-17 keypoints + backbone features of the skeleton render."""
 
@@ -209,7 +199,7 @@ class HigherHRNetExtractor(Extractor):
     def fingerprint_inputs(self) -> dict[str, Any]:
         inputs = super().fingerprint_inputs()
         if self.weights == "pretrained" and os.path.isfile(self.model_id):
-            inputs["weights_digest"] = _file_digest(self.model_id)
+            inputs["weights_digest"] = file_digest(self.model_id)
         inputs["weights_file"] = WEIGHTS_FILE if self.weights == "pretrained" else None
         inputs["architecture"] = TINY_ARCHITECTURE if self.weights == "tiny" else FULL_ARCHITECTURE
         inputs["init"] = None if self.weights == "pretrained" else "timm kaiming, zero_init_last"

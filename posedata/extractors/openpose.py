@@ -30,14 +30,13 @@ keypoints at the stored resolution.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from importlib import metadata
 from typing import Any, ClassVar
 
 import numpy as np
 
-from posedata.extractors.base import checked_image, FEW_JOINTS, NOTES, Extractor, OutputSpec, Sample
+from posedata.extractors.base import checked_image, file_digest, FEW_JOINTS, NOTES, Extractor, OutputSpec, Sample
 from posedata.render import (
     COCO18_NAMES,
     HAND_EDGES,
@@ -161,16 +160,6 @@ def original_key_names(state_dict: dict) -> dict:
     inverse of controlnet-aux `util.transfer`, which strips the `model0.` / `model1_1.` block
     prefix): `model0.conv1_1.weight` -> `conv1_1.weight`. Layer names are unique across blocks."""
     return {".".join(key.split(".")[1:]): value for key, value in state_dict.items()}
-
-
-def _file_digest(path: str) -> str:
-    """Name, size and first MiB of one weights file (cf. base.local_weights_digest for folders)."""
-    h = hashlib.sha256()
-    h.update(os.path.basename(path).encode())
-    h.update(str(os.path.getsize(path)).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(1 << 20))
-    return h.hexdigest()[:12]
 
 
 # ---- preprocessing and decoding (controlnet-aux's Body) ---------------------------------------
@@ -366,7 +355,7 @@ class OpenPoseExtractor(Extractor):
         inputs = super().fingerprint_inputs()
         inputs["dtype"] = "fp32"
         if self.weights == "pretrained" and os.path.isfile(self.model_id):
-            inputs["weights_digest"] = _file_digest(self.model_id)
+            inputs["weights_digest"] = file_digest(self.model_id)
         inputs["weights_file"] = None if self.weights != "pretrained" else self._weights_filename()
         inputs["architecture"] = TINY_ARCHITECTURE if self.weights == "tiny" else FULL_ARCHITECTURE
         inputs["preprocessing"] = {
@@ -397,7 +386,7 @@ class OpenPoseExtractor(Extractor):
             inputs["hands"] = {
                 "detector": "controlnet_aux.open_pose.OpenposeDetector.detect_hands (util.handDetect + hand.Hand)",
                 "weights_file": None if self.weights != "pretrained" else self._hand_weights_filename(),
-                "weights_digest": _file_digest(self._hand_weights_local()) if self.weights == "pretrained" and os.path.exists(self.model_id) else None,
+                "weights_digest": file_digest(self._hand_weights_local()) if self.weights == "pretrained" and os.path.exists(self.model_id) else None,
                 "architecture": TINY_HAND_ARCHITECTURE if self.weights == "tiny" else FULL_HAND_ARCHITECTURE,
                 "scale_search": list(HAND_SCALE_SEARCH),
                 "peak_threshold": HAND_PEAK_THRESHOLD,

@@ -56,6 +56,7 @@ from posedata.extractors.base import (
     OutputSpec,
     Sample,
     numpy_store_dtype,
+    resolve_preset,
     torch_dtype,
 )
 
@@ -105,6 +106,7 @@ class VaeExtractor(Extractor):
     batch_size = 16
     # ~84M parameters, but activations at 512 x 352 are large: two actors share a GPU.
     gpu_share = 0.5
+    build_options = ("flip",)  # --flip
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "sd21": {
@@ -373,17 +375,3 @@ class VaeExtractor(Extractor):
         black = np.zeros((height, width, 3), dtype=np.uint8)
         mean, std = self.encode_pixels(self.preprocess([black]))
         return {"black_mean.npy": mean[0], "black_std.npy": std[0]}
-
-
-def resolve_preset(presets: dict[str, dict[str, Any]], default: str, preset: str | None, model: str | None) -> str:
-    """`preset=` names one; `model=` equal to a preset's hub id selects that preset; any other
-    model (a local directory, another hub id) keeps the named or default preset's
-    architecture facts for random/tiny modes."""
-    if preset is not None and preset not in presets:
-        raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(presets))}")
-    by_model = [name for name, spec in presets.items() if model is not None and spec["model"] == model]
-    if by_model:
-        if preset is not None and preset != by_model[0]:
-            raise ValueError(f"model {model!r} is preset {by_model[0]!r}, not {preset!r}")
-        return by_model[0]
-    return preset or default
