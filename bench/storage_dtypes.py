@@ -5,7 +5,8 @@ feature, and bytes per sample per feature at 256x176 and 512x352.
     python bench/storage_dtypes.py --skip-tiny    # without the tiny-model run (faster)
 
 A script to run by hand, not a test. Every value goes through the real code path:
-`posedata.storage.encode_float` -> `np.save` -> `np.load(allow_pickle=False)` -> `decode_float`.
+`posedata.storage.encode_members` -> `np.save` -> `np.load(allow_pickle=False)` ->
+`decode_output_members` (fp8: `<name>.e4m3.npy` + `<name>.scale.npy`; bf16: `<name>.bf16.npy`).
 
 Inputs. No real model weights are available here, so the errors are measured on
 1. synthetic stand-ins whose value distributions imitate the real features (assumptions in
@@ -18,8 +19,8 @@ Bytes per sample: every tar member costs its header plus its data padded to 512 
 ustar header is 512 bytes; the header size used here is measured on a tar written by
 `posedata.shards.tar_bytes` (webdataset's TarWriter adds a 1024-byte PAX header per member when
 its `mtime` is a float, as 0.0 is). `.npy` sizes are computed from the shape
-(`posedata.storage.stored_nbytes`: exact npy header + values) and checked against `np.save` of
-encoded data; PNG / JPEG / JSON sizes are measured on renders, synthetic label maps and the
+(`posedata.storage.member_nbytes`: exact npy headers + values; fp8 is two members, the bits and
+the scale) and checked against `np.save` of encoded data; PNG / JPEG / JSON sizes are measured on renders, synthetic label maps and the
 fixture photos. The once-per-shard end of archive is left out (checked in `tar_check`).
 """
 
@@ -47,21 +48,21 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from posedata.images import decode_image, encode_jpeg, encode_png, resize
 from posedata.render import COCO18_NAMES, draw_openpose
 from posedata.shards import tar_bytes
-from posedata.storage import FP8_E4M3_MAX, decode_float, encode_float, stored_nbytes
+from posedata.extractors.base import numpy_store_dtype, stored_dtype_label
+from posedata.storage import FP8_E4M3_MAX, decode_output_members, encode_members, member_nbytes
 
 RESOLUTIONS = ((256, 176), (512, 352))
 FIXTURES = Path(os.environ.get("POSEDATA_FIXTURES", REPO.parent / "shared" / "fixtures")) / "deepfashion"
 
-# (label, --dtype, bf16 layout). "bf16" is the layout posedata writes today (float32 .npy of
-# bf16-rounded values); "bf16-bits" the alternative (uint16 bits in a structured .npy).
+# (label, --dtype, unused). bf16 is stored as uint16 bit patterns, fp8 as uint8 bits plus a
+# float32 scale member (posedata.storage).
 STORAGE_CHOICES = (
-    ("fp32", "fp32", "float32"),
-    ("fp16", "fp16", "float32"),
-    ("bf16", "bf16", "float32"),
-    ("bf16-bits", "bf16", "bits"),
-    ("fp8", "fp8", "float32"),
+    ("fp32", "fp32", ""),
+    ("fp16", "fp16", ""),
+    ("bf16", "bf16", ""),
+    ("fp8", "fp8", ""),
 )
-# fp32 is stored exactly; both bf16 layouts hold the same values: one bf16 row is enough.
+# fp32 is stored exactly.
 ERROR_CHOICES = ("fp16", "bf16", "fp8")
 
 TAR_BLOCK = 512
@@ -124,10 +125,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def round_trip(sample: np.ndarray, dtype: str, bf16_layout: str = "float32") -> np.ndarray:
-    """One sample through the stored .npy and back, as float32."""
-    stored = np.load(io.BytesIO(npy_bytes(encode_float(sample, dtype, bf16_layout))), allow_pickle=False)
-    return np.asarray(decode_float(stored), dtype=np.float32)
+def encoded(sample: np.ndarray, dtype: str) -> dict[str, bytes]:
+    """One output stored in `dtype`: {member suffix: .npy bytes}, as the build writes them."""
+    # the extractor's own cast first (fp16 / fp32), as the build does; bf16 / fp8 from float32
+    value = np.asarray(sample, dtype=numpy_store_dtype(dtype))
+    return {m: npy_bytes(a) for m, a in encode_members("x.npy", value, stored_dtype_label(dtype)).items()}
+
+
+def round_trip(sample: np.ndarray, dtype: str) -> np.ndarray:
+    """One sample through the stored .npy members and back, as float32."""
+    loaded = {m: np.load(io.BytesIO(data), allow_pickle=False) for m, data in encoded(sample, dtype).items()}
+    return np.asarray(decode_output_members("x.npy", loaded), dtype=np.float32)
 
 
 def round_trip_errors(samples: np.ndarray, dtype: str, embedding: bool) -> dict[str, float]:
@@ -280,8 +288,9 @@ class Member:
     fixed_bytes: int | None = None  # measured size of a fixed member
     note: str = ""
 
-    def data_bytes(self, dtype: str, bf16_layout: str) -> int:
-        return stored_nbytes(self.shape, dtype, bf16_layout) if self.float_feature else int(self.fixed_bytes)
+    def data_bytes(self, dtype: str) -> list[int]:
+        """Sizes of the tar members that hold it (fp8: the bits and the scale)."""
+        return member_nbytes(self.shape, dtype) if self.float_feature else [int(self.fixed_bytes)]
 
 
 def npy_size(array: np.ndarray) -> int:
@@ -460,17 +469,18 @@ def measure_bytes(photos) -> dict:
                     "npy_measured": {},
                     "tar_bytes": {},
                 }
-                for label, dtype, layout in STORAGE_CHOICES:
-                    data = member.data_bytes(dtype, layout)
+                for label, dtype, _ in STORAGE_CHOICES:
+                    data = member.data_bytes(dtype)
                     if member.float_feature:
-                        measured = len(npy_bytes(encode_float(sample, dtype, layout)))
+                        measured = [len(b) for b in encoded(sample, dtype).values()]
                         if measured != data:
                             raise AssertionError(
                                 f"{feature} {member.suffix} {label}: np.save wrote {measured} bytes, computed {data}"
                             )
-                        row["npy_computed"][label], row["npy_measured"][label] = data, measured
-                    row["tar_bytes"][label] = tar_member_bytes(data)
-                    feature_total[label] += tar_member_bytes(data)
+                        row["npy_computed"][label], row["npy_measured"][label] = sum(data), sum(measured)
+                    tar = sum(tar_member_bytes(d) for d in data)
+                    row["tar_bytes"][label] = tar
+                    feature_total[label] += tar
                 rows.append(row)
             totals[feature] = feature_total
         totals["full build"] = {label: sum(totals[f][label] for f in FULL_BUILD) for label, _, _ in STORAGE_CHOICES}
@@ -487,14 +497,16 @@ def tar_check() -> dict:
     samples_per_shard = 16
     rng = np.random.default_rng(1)
     checks = {}
-    for label, dtype, layout in STORAGE_CHOICES:
+    for label, dtype, _ in STORAGE_CHOICES:
         members = {"embeds.npy": (1024,), "tokens.npy": (257, 768)}
         samples, formula = [], 0
         for i in range(samples_per_shard):
             sample = {"__key__": f"{EXAMPLE_KEY}{i:04d}"}
             for suffix, shape in members.items():
-                sample[suffix] = npy_bytes(encode_float(rng.normal(size=shape).astype(np.float32), dtype, layout))
-                formula += tar_member_bytes(len(sample[suffix]))
+                value = rng.normal(size=shape).astype(numpy_store_dtype(dtype))
+                for member, array in encode_members(suffix, value, stored_dtype_label(dtype)).items():
+                    sample[member] = npy_bytes(array)
+                    formula += tar_member_bytes(len(sample[member]))
             samples.append(sample)
         actual = len(tar_bytes(samples))
         checks[label] = {
@@ -627,9 +639,9 @@ def markdown(report: dict) -> str:
             ]
         ),
         (
-            "Each sample is encoded on its own (`posedata.storage.encode_float`, fp8: one scale = max abs / "
-            f"{FP8_E4M3_MAX:g} per sample tensor), saved with `np.save`, loaded with `allow_pickle=False` and "
-            "decoded. fp32 is exact and not listed; `bf16` and `bf16-bits` hold the same values. "
+            "Each sample is encoded on its own (`posedata.storage.encode_members`, fp8: one scale = max abs / "
+            f"{FP8_E4M3_MAX:g} per sample tensor, stored as its own member), saved with `np.save`, loaded with "
+            "`allow_pickle=False` and decoded. fp32 is exact and not listed. "
             "Cosines are per vector along the last axis (one CLIP embedding, one DINOv2 token); "
             "'worst' is the smallest cosine."
         ),
