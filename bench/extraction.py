@@ -9,31 +9,31 @@ For each feature (and for the full feature set) it measures, at the same batch s
 - **model-only images/s**: `extractor(batch)` (the extractor's `__call__`, outputs returned as
   numpy) on images already decoded at the stored resolution, exactly the micro-batches the
   build forms (32 consecutive samples, cut into the extractor's batch size), after one
-  warm-up batch; one torch thread on CPU, as the build's actors run. A feature that requires
+  warm-up batch; one torch thread on CPU, as the build's workers run. A feature that requires
   another (clip_regions reads parsing) is measured with it, as the build runs it. Full set:
   every extractor one after the other on the same images (the sum of their times).
-- **end-to-end images/s** on a Ray build of N images (one actor per extractor), from a
-  timeline each extractor actor logs (start and end of every block, a micro-batch of 32):
-  - *e2e* (the headline): images / (the first block any actor starts -> the last block the
-    last extractor ends). Ray start-up, actor start, model set-up, scan, the final shard
-    writes and the card are outside it; decode, resize, JPEG, handing blocks between
-    stages, every wait of an actor on decode or on the stage before it, the models, the
-    encoding of their outputs, and the pipeline's fill and drain are inside. It can only
-    understate the pipeline's rate.
-  - *steady*: the last extractor's rate after its first block (per actor, summed). With few
-    blocks it overstates: upstream stages run ahead while the last one starts, and it then
-    works through their backlog. Printed beside e2e, not used for the ratios.
-  - *wall*: the whole build in this process with Ray already up (actors, models, writes,
+- **end-to-end images/s** on a Ray build of N images with one worker (a Ray actor holding
+  every extractor of the build, posedata.pipeline.ExtractorChain), from a timeline the
+  worker logs (start and end of every extractor on every micro-batch of 32):
+  - *e2e* (the headline): images / (the first micro-batch any extractor starts -> the last
+    one the last extractor ends). Ray start-up, worker start, model set-up, scan, the final
+    shard writes and the card are outside it; decode, resize, JPEG, handing micro-batches
+    to the worker, every wait of the worker on decode, the models, the encoding of their
+    outputs, and the pipeline's fill and drain are inside. It can only understate the
+    pipeline's rate.
+  - *steady*: the last extractor's rate after its first micro-batch (per worker, summed).
+    Printed beside e2e, not used for the ratios.
+  - *wall*: the whole build in this process with Ray already up (workers, models, writes,
     card), and, for the full set (`--cli`), `posedata build` as a user types it, in a
     subprocess, from start to exit (imports and Ray start-up included).
 - **efficiency** = e2e / model-only. For several extractors the model-only figure is their
-  bound: with a GPU they share it, so one after the other (1 / sum of seconds per image);
-  on CPU their single-threaded actors run side by side, so min(CPUs / sum, 1 / slowest).
-  The goal is >= 0.85.
-- **scaling**: a CPU build with `--workers 2` vs `--workers 1` (of the full set, or of
-  `--scaling-features`): ratio of e2e throughputs, and of walls (the goal is >= 1.8x);
-  beside it the **machine ceiling**: the slowest of those models, model-only, in one
-  process vs two processes at once (no Ray): what two workers can get from this machine.
+  bound: the worker runs them one after the other, so 1 / sum of seconds per image (on CPU
+  on one thread; more workers, `--workers N`, add threads). The goal is >= 0.95.
+- **scaling**: a build with `--workers 2` vs `--workers 1` (of the full set, or of
+  `--scaling-features`; on CPU two single-threaded workers, on a GPU two workers sharing
+  it): ratio of e2e throughputs, and of walls (the goal on CPU is >= 1.8x); beside it, on
+  CPU, the **machine ceiling**: the slowest of those models, model-only, in one process vs
+  two processes at once (no Ray): what two workers can get from this machine.
 - **projection**: DeepFashion's 52,712 images at the full set's e2e rate.
 
 Writes `bench/results/extraction.json` (every timing) and `bench/results/extraction.md` (the
@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# The build's actors run with one OpenMP thread (Ray sets it from their CPU share; see
+# The build's workers run with one OpenMP thread (Ray sets it from their CPU share; see
 # posedata.pipeline.ExtractorStage for torch's own count): model-only runs here must too, or
 # idle OpenMP/BLAS pools compete with the measured thread. Before numpy and torch load.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -67,6 +67,7 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "bench"))  # limits.py: the physical bounds
 
 import posedata.pipeline
 from posedata.build import BuildConfig, build, decode_rows, make_plan, upstream_folders
@@ -147,7 +148,7 @@ def model_only(specs: list[str], samples: list[Sample], config: BuildConfig, dev
     import torch
 
     if device == "cpu":
-        torch.set_num_threads(1)  # as each of the build's actors
+        torch.set_num_threads(1)  # as each of the build's workers
     plan = make_plan(config)
     results: dict[str, dict] = {}
     done: dict[str, list[dict]] = {}  # spec -> outputs per sample, for dependants
@@ -232,80 +233,73 @@ def machine_ceiling(spec: str, root: Path, resolution: tuple[int, int], count: i
 
 
 def model_bound(models: dict[str, dict], chain: list[str], resources: dict) -> dict:
-    """The model-only images/s an end-to-end build of `chain` is compared with. With a GPU
-    every extractor shares it, so the bound is the extractors one after the other (1 / the
-    sum of their seconds per image). On CPU each extractor is a single-threaded actor and
-    the actors run side by side, so the bound is min(CPUs / sum, 1 / slowest)."""
-    seconds = [models[s]["seconds"] / models[s]["images"] for s in chain]
-    sequential = 1 / sum(seconds)
-    cpus = resources.get("CPU", 1)
-    if resources.get("GPU") or len(chain) == 1:
-        return {
-            "model_only_images_per_s": sequential,
-            "model_only_sequential_images_per_s": sequential,
-            "model_only_bound": "sequential",
-        }
-    parallel = min(cpus / sum(seconds), 1 / max(seconds))
+    """The model-only images/s an end-to-end build of `chain` with one worker is compared
+    with: the worker holds every extractor of the chain and runs them one after the other on
+    each micro-batch (on CPU on one thread; on a GPU sharing it), so the bound is 1 / the sum
+    of their seconds per image."""
+    sequential = 1 / sum(models[s]["seconds"] / models[s]["images"] for s in chain)
     return {
-        "model_only_images_per_s": parallel,
+        "model_only_images_per_s": sequential,
         "model_only_sequential_images_per_s": sequential,
-        "model_only_bound": f"min({cpus:g} CPUs / sum, 1 / slowest)",
+        "model_only_bound": "sequential",
     }
 
 
 # ---- end to end ------------------------------------------------------------------------------------
 
 
-class TimedAdapter(posedata.pipeline._ActorAdapter):
-    """The build's actor, logging when it is ready and when each block is through. Defined
-    in this script, so Ray ships it by value to the workers; `log_path` travels with it."""
+class TimedWorker(posedata.pipeline._ChainWorker):
+    """The build's Ray worker, logging when it is ready and when each extractor of its chain
+    is through a micro-batch. Defined in this script, so Ray ships it by value to the
+    workers; `log_path` travels with it."""
 
     log_path = ""
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._log({"event": "ready"})
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._log({"event": "ready", "stage": None})
+        run_stage = self.chain.run_stage
 
-    def __call__(self, df):
-        start = time.time()
-        out = super().__call__(df)
-        end = time.time()
-        samples = sum(len(posedata.pipeline.unpack_rows(packed)) for packed in df["batch"])  # after the clock: not timed
-        self._log({"event": "block", "start": start, "end": end, "rows": samples})
-        return out
+        def timed_stage(stage, rows):
+            start = time.time()
+            run_stage(stage, rows)
+            end = time.time()
+            self._log({"event": "block", "stage": stage.spec.name, "start": start, "end": end, "rows": len(rows)})
+
+        self.chain.run_stage = timed_stage
 
     def _log(self, record: dict) -> None:
-        record.update(stage=self.stage.spec.name, pid=os.getpid())
+        record.update(pid=os.getpid())
         record.setdefault("end", time.time())
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
 def timed_build(config: BuildConfig, log: Path, last_stage: str) -> dict:
-    """An in-process build with TimedAdapter actors: wall seconds and steady images/s."""
+    """An in-process build with TimedWorker workers: wall seconds and steady images/s."""
     log.unlink(missing_ok=True)
-    TimedAdapter.log_path = str(log)
-    original = posedata.pipeline._ActorAdapter
-    posedata.pipeline._ActorAdapter = TimedAdapter
+    TimedWorker.log_path = str(log)
+    original = posedata.pipeline._ChainWorker
+    posedata.pipeline._ChainWorker = TimedWorker
     try:
         start = time.perf_counter()
         build(config, echo=lambda _: None)
         wall = time.perf_counter() - start
     finally:
-        posedata.pipeline._ActorAdapter = original
+        posedata.pipeline._ChainWorker = original
     records = [json.loads(line) for line in log.read_text().splitlines()]
     blocks = sorted(
         (r for r in records if r["event"] == "block" and r["stage"] == last_stage),
         key=lambda r: r["end"],
     )
     # Per actor of the last stage: images of its blocks after its first, over the time from its
-    # first block's end to its last's; actors working side by side add up.
+    # first block's end to its last's; workers running side by side add up.
     rates = []
     for pid in {r["pid"] for r in blocks}:
         mine = [r for r in blocks if r["pid"] == pid]
         if len(mine) > 1 and mine[-1]["end"] > mine[0]["end"]:
             rates.append(sum(r["rows"] for r in mine[1:]) / (mine[-1]["end"] - mine[0]["end"]))
-    # Span: from the first block any actor starts to the last block the last stage ends. It
+    # Span: from the first block any extractor starts to the last block the last stage ends. It
     # leaves out start-up (Ray, actors, models, scan) and the final writes, but keeps every
     # wait of an actor on decode or on the stage before it, and the pipeline's fill and drain,
     # so it can only understate the pipeline's rate.
@@ -385,7 +379,7 @@ def main() -> None:
         "--images",
         type=int,
         default=192,
-        help="images per build (6 micro-batches of 32: two or more per actor with --workers 2)",
+        help="images per build (6 micro-batches of 32: two or more per worker with --workers 2)",
     )
     parser.add_argument("--model-images", type=int, default=64, help="images of the model-only runs")
     parser.add_argument(
@@ -520,6 +514,15 @@ def main() -> None:
                 "timed_build": timed,
             }
             row["efficiency"] = row["e2e_images_per_s"] / row["model_only_images_per_s"]
+            if args.device.startswith("cuda"):
+                import torch
+
+                from limits import extraction_bound_of, load_limits
+
+                bound = extraction_bound_of(chain, torch.cuda.get_device_name(0), load_limits())
+                if bound:
+                    row["gpu_bound"] = {"gpu": bound[0], "images_per_s": bound[1], "e2e_fraction": row["e2e_images_per_s"] / bound[1],
+                                        "model_only_fraction": row["model_only_images_per_s"] / bound[1]}
             if args.cli == "all" or (args.cli == "full" and (label == "full set" or len(entries) == 1)):
                 cli = cli_build(root, tmp / "cli" / "ds", chain, args)
                 row["cli_wall_seconds"] = cli["seconds"]
@@ -595,12 +598,12 @@ def markdown(result: dict) -> str:
         f"- command: `{result['command']}`",
         f"- date: {result['date']}; git {result['git']}",
         f"- machine: {result['machine']}; Ray resources {result['ray_resources']}; load average {result['load_average_at_start'][0]:.1f} at the start, {end:.1f} at the end",
-        f"- builds of {s['images']} photos (750x1101 JPEG) stored at {s['resolution'][0]}x{s['resolution'][1]}, weights `{s['weights']}`, one actor per extractor, micro-batch {s['micro_batch']}; model-only on `{s['device']}` over {s['model_images']} images; Ray start-up {result['ray_start_seconds']:.1f} s",
+        f"- builds of {s['images']} photos (750x1101 JPEG) stored at {s['resolution'][0]}x{s['resolution'][1]}, weights `{s['weights']}`, one worker holding every extractor, micro-batch {s['micro_batch']}; model-only on `{s['device']}` over {s['model_images']} images; Ray start-up {result['ray_start_seconds']:.1f} s",
         f"- decode only (read, decode, resize, store as JPEG, decode again; one process): {result['decode_only']['images_per_s']:.1f} images/s",
-        "- e2e = images / (first block started by any actor -> last block ended by the last extractor): no start-up, but every wait on decode or on the stage before, fill and drain included",
+        "- e2e = images / (first micro-batch started by any extractor -> last one ended by the last extractor): no start-up, but every wait on decode, fill and drain included",
         "- model-only: one extractor alone, or for several their bound (see the column); steady = the last extractor's rate after its first block",
         "",
-        "| feature | batch | model-only img/s (bound) | e2e img/s | **efficiency** (e2e / model-only) | e2e steady img/s | in the actor img/s | in-process build wall img/s (s) | `posedata build` wall img/s (s) |",
+        "| feature | batch | model-only img/s (bound) | e2e img/s | **efficiency** (e2e / model-only) | e2e steady img/s | in the worker img/s (per extractor) | in-process build wall img/s (s) | `posedata build` wall img/s (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["entries"]:
@@ -614,6 +617,12 @@ def markdown(result: dict) -> str:
             f"| {name} | {batch} | {fmt(row['model_only_images_per_s'], 2)}{bound} | {fmt(row['e2e_images_per_s'], 2)} | **{fmt(row['efficiency'], 2)}** | {fmt(row['e2e_steady_images_per_s'], 2)} "
             f"| {actor} | {fmt(row['e2e_inprocess_wall_images_per_s'], 2)} ({timed['wall_seconds']:.0f} s) | {wall} |"
         )
+    bounded = [row for row in result["entries"] if row.get("gpu_bound")]
+    if bounded:
+        lines += ["", "Against the physical bound of the GPU (`bench/limits.py`: dense bf16 peak / FLOPs per image, at the resolution it counted):", ""]
+        for row in bounded:
+            b = row["gpu_bound"]
+            lines.append(f"- {row['feature']}: e2e {row['e2e_images_per_s']:.1f} images/s = **{100 * b['e2e_fraction']:.1f} %** of the {b['gpu']} bound {b['images_per_s']:,.0f} images/s (model-only {100 * b['model_only_fraction']:.1f} %)")
     # The projection is for what a build computes: the full set, or the one feature measured.
     full = [row for row in result["entries"] if row["feature"] == "full set"] or (result["entries"] if len(result["entries"]) == 1 else [])
     if full:
@@ -630,9 +639,9 @@ def markdown(result: dict) -> str:
         w1, w2 = workers[1], workers[2]
         lines += [
             "",
-            f"Scaling on CPU, {', '.join(sc['features'])}: one vs two actors per extractor (one torch thread each):",
+            f"Scaling, {', '.join(sc['features'])}: one vs two workers, each holding every extractor (on CPU one torch thread each):",
             "",
-            "| --workers | e2e img/s | e2e steady img/s | in the actor img/s (per actor) | build wall, in-process (s) |",
+            "| --workers | e2e img/s | e2e steady img/s | in the worker img/s (per worker, per extractor) | build wall, in-process (s) |",
             "|---|---|---|---|---|",
             f"| 1 | {fmt(w1['span_images_per_s'], 2)} | {fmt(w1['steady_images_per_s'], 2)} | {', '.join(fmt(v) for v in w1['actor_images_per_s'].values())} | {w1['wall_seconds']:.1f} |",
             f"| 2 | {fmt(w2['span_images_per_s'], 2)} | {fmt(w2['steady_images_per_s'], 2)} | {', '.join(fmt(v) for v in w2['actor_images_per_s'].values())} | {w2['wall_seconds']:.1f} |",

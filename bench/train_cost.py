@@ -60,6 +60,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+sys.path.insert(0, str(REPO / "bench"))  # limits.py: the physical bounds
 
 from posedata.extractors import create_extractor
 from posedata.reader import Dataset, GroupStream, PairStream
@@ -384,6 +385,14 @@ def bench_stage(stage: Stage, dataset: Dataset, args: argparse.Namespace) -> dic
     result["speedup_cached_vs_online"] = b / a
     result["loader_overhead"] = c / b - 1.0
     result["goal_speedup"] = GOALS.get(stage.plugin)
+    if torch.device(device).type == "cuda":
+        from limits import load_limits, training_bound_of
+
+        limits = load_limits()
+        for mode, key in (("online", "a_online"), ("cached", "b_cached")):
+            bound = training_bound_of(stage.plugin, mode, torch.cuda.get_device_name(), limits)
+            if bound:
+                result["modes"][key]["gpu_bound"] = {"gpu": bound[0], "samples_per_s": bound[1], "fraction": result["modes"][key]["samples_per_s"] / bound[1]}
     return result
 
 
@@ -454,6 +463,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['plugin']} | {r['model_parameters'] / 1e6:.3g}M | {encoders} | {m['a_online']['samples_per_s']:.1f} | {m['b_cached']['samples_per_s']:.1f} | "
             f"{m['c_resident']['samples_per_s']:.1f} | {r['speedup_cached_vs_online']:.2f}x | >= {r['goal_speedup']}x | {100 * r['loader_overhead']:+.1f}% |"
         )
+    bounded = [(r, m) for r in report["stages"] for m in ("a_online", "b_cached") if r["modes"][m].get("gpu_bound")]
+    if bounded:
+        lines += ["", "Against the physical bound (`bench/limits.py`: the paper-size step at the plugin's paper batch; compare at `--weights random --res 512x352` and that batch):", ""]
+        for r, m in bounded:
+            b = r["modes"][m]["gpu_bound"]
+            lines.append(f"- {r['plugin']} {m[2:]}: {r['modes'][m]['samples_per_s']:.1f} samples/s = **{100 * b['fraction']:.1f} %** of the {b['gpu']} bound {b['samples_per_s']:,.0f} samples/s")
     return "\n".join(lines) + "\n"
 
 

@@ -119,13 +119,14 @@ def build_options(fn):
         click.option("--model", "models", multiple=True, help="FEATURE=HUB_ID_OR_DIR: override a feature's pretrained model, e.g. clip=/models/clip-vit-h."),
         click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default="fp16", show_default=True, help="Storage dtype of embeddings and latents (fp8: e4m3 with a per-tensor scale)."),
         click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Target samples per shard (groups are never split)."),
-        click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True, help="ray: Ray Data job (embedded local Ray, or --address); local: one process, for debugging."),
+        click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True, help="ray: Ray job (embedded local Ray, or --address); local: one process, for debugging."),
         click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto or ray://head:10001)."),
-        click.option("--workers", type=click.IntRange(min=1), default=None, help="Actors per extractor when running on CPU (GPUs: one per GPU share)."),
+        click.option("--workers", type=click.IntRange(min=1), default=None, help="Ray workers, each holding every model of the build: per GPU with GPUs, in all on CPU (default 1)."),
         click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor."),
         click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP),
         click.option("--flip", is_flag=True, help="vae: also store the latents of the horizontally flipped image (flip augmentation with cached latents)."),
         click.option("--overwrite", is_flag=True, help="Delete what is at --out and start over (default: resume)."),
+        click.option("-v", "--verbose", is_flag=True, help="Ray's own logs and progress too (posedata prints its own progress either way)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -145,7 +146,15 @@ def _feature_specs(features: str | None, preset: str | None) -> list[str] | None
     return [f.strip() for f in features.split(",") if f.strip()] if features else None
 
 
+def _more_logging(verbose: bool) -> None:
+    """`build/extend --verbose`, as `posedata --verbose`: INFO logging, which also lets Ray
+    print its own logs and progress (posedata.pipeline.run_with_ray)."""
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
 def _run_build(source: str, source_options: dict, **kw) -> None:
+    _more_logging(kw.pop("verbose", False))
     from posedata.build import BuildConfig, build as run_build
 
     config = BuildConfig(
@@ -206,13 +215,16 @@ def build_folder(group_regex, test_fraction, split_seed, **kw) -> None:
 @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default=None, help="Storage dtype (default: the dataset's).")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
 @click.option("--address", default=None, help="Join a running Ray cluster.")
-@click.option("--workers", type=click.IntRange(min=1), default=None, help="Actors per extractor when running on CPU.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Ray workers, each holding every new model: per GPU with GPUs, in all on CPU (default 1).")
 @click.option("--batch-size", "batch_sizes", multiple=True, help="FEATURE=N: batch size for one extractor.")
 @click.option("--flip", is_flag=True, help="vae: also store the latents of the horizontally flipped image.")
 @click.option("--storage-options", default=None, help=STORAGE_OPTIONS_HELP)
-def extend(url, features, preset, models, batch_sizes, storage_options, **kw) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Ray's own logs and progress too.")
+def extend(url, features, preset, models, batch_sizes, storage_options, verbose, **kw) -> None:
     """Add features to a finished dataset (local or in a bucket) without touching what is there."""
     from posedata.extend import ExtendConfig, ExtendError, extend as run_extend
+
+    _more_logging(verbose)
 
     specs = _feature_specs(features, preset)
     if not specs:
@@ -475,7 +487,6 @@ def sample_pcdm(shards, out, storage_options, stage_settings, **kw) -> None:
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise click.ClickException(str(e).strip("'\"")) from None
     click.echo(json.dumps(summary, indent=2))
-
 
 
 # ---- evaluation -------------------------------------------------------------------------------

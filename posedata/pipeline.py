@@ -3,22 +3,24 @@
 A `Job` is: input rows (each names its `shard` and `index`), a `prepare` step that turns a
 micro-batch of inputs into sample rows (decode + resize for `build`; read the stored images for `extend`),
 one `StageSpec` per extractor in dependency order, and a `write` step that receives all rows
-of one shard. Two executors run a Job: Ray Data (decode/prepare as tasks, each extractor as an
-actor pool, shards written by tasks after a group-by on `shard`) and a sequential in-process
-one. Neither knows which models are inside (datatrove's steps vs executors).
-"""
+of one shard. Two executors run a Job, both through one `ExtractorChain` (every extractor of
+the job, in dependency order, in one process): Ray (prepare tasks, one chain per worker actor
+-- per GPU, or `--workers` of them on CPU --, a write task per shard as soon as its
+micro-batches are through) and a sequential in-process one. Neither knows which models are
+inside (datatrove's steps vs executors)."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
 import os
-import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from posedata.extractors import create_extractor, extractor_class
+from posedata.extractors import create_extractor
 from posedata.extractors.base import NOTES, Extractor, ExtractorError, Sample
 from posedata.images import decode_jpeg_rgb
 from posedata.layout import DatasetLocation
@@ -58,8 +60,9 @@ class Job:
     write: Callable[[Rows], dict[str, Any]]
     location: DatasetLocation
     micro_batch: int = 32  # samples that go through the stages together (see micro_batches)
-    workers: int | None = None  # actors per extractor on CPU
+    workers: int | None = None  # Ray workers (each holding every model): per GPU, or in all on CPU
     address: str | None = None
+    verbose: bool | None = None  # Ray's own logs too; None: when INFO logging is on (`--verbose`)
 
 
 class ExtractorStage:
@@ -149,6 +152,24 @@ class ExtractorStage:
 # ---- executors ---------------------------------------------------------------------------------
 
 
+class ExtractorChain:
+    """Every extractor of a job, in dependency order, in one process: a micro-batch goes
+    through all of them in turn (each model in its own batch size), so it is decoded once,
+    enters the process once and leaves it once, whatever the number of models. Both
+    executors run this: in-process (`run_locally`) and as the Ray worker (`run_with_ray`)."""
+
+    def __init__(self, specs: list[StageSpec], location_url: str, storage_options: dict[str, Any], threads: int = 1):
+        self.stages = [ExtractorStage(spec, location_url, storage_options, threads) for spec in specs]
+
+    def run_stage(self, stage: ExtractorStage, rows: Rows) -> None:
+        stage(rows)
+
+    def __call__(self, rows: Rows) -> Rows:
+        for stage in self.stages:
+            self.run_stage(stage, rows)
+        return rows
+
+
 def micro_batches(inputs: Rows, size: int) -> list[Rows]:
     """Inputs cut into the fixed groups every stage processes together: rows of one shard,
     `size` consecutive indices at a time. Fixed by the plan, so both executors, any number
@@ -159,133 +180,150 @@ def micro_batches(inputs: Rows, size: int) -> list[Rows]:
     return list(groups.values())
 
 
+class Progress:
+    """posedata's own progress lines for a job (Ray's are off unless --verbose): shards
+    written / total, images through the models, images/s, ETA and rejects so far. A line at
+    most every `interval` seconds, and a last one at the end; a background thread keeps
+    printing while nothing finishes (a first model load can take minutes)."""
+
+    def __init__(self, echo: Callable[[str], None], shards: int, images: int, interval: float = 10.0):
+        import threading
+
+        self.echo, self.shards, self.images, self.interval = echo, shards, images, interval
+        self.started = time.monotonic()
+        self.first_batch: float | None = None
+        self.extracted = self.shards_done = self.rejected = 0
+        self.last_print = self.started
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> "Progress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            self.print()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            if time.monotonic() - self.last_print >= self.interval:
+                self.print()
+
+    def batch_done(self, images: int) -> None:
+        with self._lock:
+            self.extracted += images
+            if self.first_batch is None:
+                self.first_batch = time.monotonic()
+        self.maybe_print()
+
+    def shard_done(self, result: dict[str, Any]) -> None:
+        with self._lock:
+            self.shards_done += 1
+            self.rejected += int(result.get("rejected", 0))
+        self.maybe_print()
+
+    def maybe_print(self) -> None:
+        if time.monotonic() - self.last_print >= self.interval:
+            self.print()
+
+    def line(self) -> str:
+        now = time.monotonic()
+        elapsed = now - self.started
+        parts = [f"{self.shards_done}/{self.shards} shards written", f"{self.extracted:,}/{self.images:,} images through the models"]
+        if self.extracted and self.first_batch is not None:
+            # The rate since the start (model loading included): what the user waits for.
+            rate = self.extracted / elapsed
+            parts.append(f"{rate:.1f} images/s")
+            if self.extracted < self.images:
+                parts.append(f"ETA {_duration((self.images - self.extracted) / rate)}")
+        elif self.extracted < self.images:
+            parts.append("loading models and decoding the first images")
+        parts.append(f"{self.rejected} rejected so far")
+        return f"  [{_duration(elapsed)}] " + ", ".join(parts)
+
+    def print(self) -> None:
+        with self._lock:
+            self.last_print = time.monotonic()
+            text = self.line()
+        self.echo(text)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
 def run_locally(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """Sequential executor: the same steps, in this process (debugging, tiny datasets)."""
-    from tqdm import tqdm
-
-    stages = [ExtractorStage(spec, job.location.url, job.location.storage_options) for spec in job.stages]
+    groups = micro_batches(job.inputs, job.micro_batch)
     results: list[dict[str, Any]] = []
-    shard_rows: Rows = []
-    # micro_batches come shard by shard: each shard is written (done marker last) as soon as
-    # its last micro-batch is through, so a killed run keeps every shard it finished.
-    for group in tqdm(micro_batches(job.inputs, job.micro_batch), desc="batches", unit="batch", file=sys.stderr):
-        if shard_rows and shard_rows[0]["shard"] != group[0]["shard"]:
+    with Progress(echo, len({g[0]["shard"] for g in groups}), len(job.inputs)) as progress:
+        chain = ExtractorChain(job.stages, job.location.url, job.location.storage_options)
+        shard_rows: Rows = []
+        # micro_batches come shard by shard: each shard is written (done marker last) as soon
+        # as its last micro-batch is through, so a killed run keeps every shard it finished.
+        for group in groups:
+            if shard_rows and shard_rows[0]["shard"] != group[0]["shard"]:
+                results.append(job.write(shard_rows))
+                progress.shard_done(results[-1])
+                shard_rows = []
+            shard_rows.extend(chain(job.prepare(group)))
+            progress.batch_done(len(group))
+        if shard_rows:
             results.append(job.write(shard_rows))
-            shard_rows = []
-        rows = job.prepare(group)
-        for stage in stages:
-            stage(rows)
-        shard_rows.extend(rows)
-    if shard_rows:
-        results.append(job.write(shard_rows))
+            progress.shard_done(results[-1])
     return results
 
 
-def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
-    import pandas as pd
-    import ray
-
-    init_ray(job.address)
-    resources = ray.cluster_resources()
-    cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
-    # One Ray row per micro-batch (its samples packed as an Arrow IPC stream), and every
-    # stage takes one row at a time: whatever Ray does with blocks (it requires a batch size
-    # with GPUs, and then bundles and slices blocks across boundaries), the samples that
-    # share a forward pass are the plan's micro-batches.
-    groups = [{"shard": group[0]["shard"], "batch": pack_rows(group)} for group in micro_batches(job.inputs, job.micro_batch)]
-    ds = ray.data.from_items(groups, override_num_blocks=len(groups))
-    prepare = job.prepare
-
-    def expand(df: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame({"shard": df["shard"], "batch": [pack_rows(prepare(unpack_rows(packed))) for packed in df["batch"]]})
-
-    ds = ds.map_batches(expand, batch_format="pandas", batch_size=1, num_cpus=TASK_CPUS)
-    requests = actor_requests([extractor_class(spec.name) for spec in job.stages], cpus, gpus, job.workers or 1)
-    pools = ", ".join(f"{spec.name} {r.pool_size}x({r.num_cpus:g} CPU" + (f", {r.num_gpus:g} GPU)" if r.num_gpus else ")") for spec, r in zip(job.stages, requests))
-    echo(f"ray: {cpus} CPUs, {gpus:g} GPUs; actor pools: {pools}")
-    for spec, request in zip(job.stages, requests):
-        options: dict[str, Any] = {"num_cpus": request.num_cpus, "compute": ray.data.ActorPoolStrategy(size=request.pool_size)}
-        if request.num_gpus:
-            options["num_gpus"] = request.num_gpus
-        ds = ds.map_batches(
-            _ActorAdapter,
-            fn_constructor_kwargs=dict(spec=spec, location_url=job.location.url, storage_options=job.location.storage_options),
-            batch_format="pandas",
-            batch_size=1,
-            **options,
-        )
-
-    write = job.write
-
-    def write_group(df: pd.DataFrame) -> pd.DataFrame:
-        return pd.DataFrame([write([row for packed in df["batch"] for row in unpack_rows(packed)])])
-
-    return ds.groupby("shard").map_groups(write_group, batch_format="pandas", num_cpus=TASK_CPUS).take_all()
-
-
 # Prepare (decode) and write tasks ask for half a CPU each, so two can run per core and they
-# never wait behind the actors.
+# never wait behind the workers.
 TASK_CPUS = 0.5
-LIGHT_ACTOR_CPUS = 0.05  # extractors without a model (annotation import)
 
 
 @dataclass(frozen=True)
-class ActorRequest:
-    """What one extractor's Ray actor pool asks for: per actor, and how many actors."""
+class WorkerRequest:
+    """What each Ray worker (one ExtractorChain actor) asks for, and how many there are."""
 
     num_cpus: float
     num_gpus: float
-    pool_size: int
+    count: int
 
 
-def actor_requests(classes: list[type], cpus: int, gpus: float, workers: int) -> list[ActorRequest]:
-    """Actor pools for the extractors of one job, in order, that fit the cluster together.
+def worker_request(cpus: int, gpus: float, workers: int | None) -> WorkerRequest:
+    """The Ray workers of a job: with GPUs, `workers` per GPU (default 1), each reserving its
+    fraction of one GPU; on CPU, `workers` in all (default 1), each running its models on
+    one thread (parallelism comes from more workers; see ExtractorStage).
 
-    Ray reserves an actor's resources for its whole life and Ray Data starts every pool at
-    once, so the pools must fit side by side or a later stage never gets an actor and the job
-    waits forever. On CPU: `workers` actors per extractor (see cpu_budget). With GPUs: every
-    model shares each GPU, one actor per model per GPU, its share of a GPU in proportion to
-    the extractor's `gpu_share` (scaled down when the shares add up to more than one GPU;
-    when they add up to half a GPU or less, several copies per GPU keep it busy).
-
-    The shares are reservations for Ray's scheduler, not limits on the GPU, so leaving some
-    unreserved costs nothing, and it must be left: Ray places fractional actors first-fit, and
-    first-fit can strand up to one actor's share on each GPU. Reserving at most (1 - the
-    largest share) per GPU guarantees that every actor finds room."""
-    uses_model = [cls.uses_model for cls in classes]
-    if not gpus:
-        shares = cpu_budget(cpus, uses_model, workers)
-        return [ActorRequest(share, 0.0, workers if m else 1) for share, m in zip(shares, uses_model)]
-    model_shares = [cls.gpu_share for cls, m in zip(classes, uses_model) if m]
-    total, largest = sum(model_shares) or 1.0, max(model_shares, default=1.0)
-    scale = min(1.0, 1 / (total + largest))  # per GPU: total * scale <= 1 - largest * scale
-    copies_per_gpu = max(1, math.floor(1 / (total + largest)))
-    pool_size = max(1, math.floor(gpus) * copies_per_gpu)
-    if gpus < 1:  # a fraction of one GPU (a shared node): shrink the shares to fit
-        scale *= gpus
-    cpu_shares = cpu_budget(cpus, uses_model, pool_size)
-    requests = []
-    for cls, m, cpu_share in zip(classes, uses_model, cpu_shares):
-        if m:
-            # Round down to Ray's resource precision (1e-4) so that the sum stays within the GPUs.
-            num_gpus = math.floor(cls.gpu_share * scale * 10_000) / 10_000
-            requests.append(ActorRequest(cpu_share, num_gpus, pool_size))
-        else:
-            requests.append(ActorRequest(cpu_share, 0.0, 1))
-    return requests
+    Equal fractions of 1 / n fill each GPU exactly, so Ray's first-fit placement never
+    strands a worker. Ray reserves an actor's CPUs for its whole life, so the workers leave
+    room for at least one prepare and one write task (see cpu_budget)."""
+    per = max(1, workers or 1)
+    if gpus:
+        whole = math.floor(gpus)
+        count = max(1, whole) * per
+        share = (1.0 if whole else gpus) / per
+        num_gpus = math.floor(share * 10_000) / 10_000  # Ray's resource precision: stay within the GPUs
+    else:
+        count, num_gpus = per, 0.0
+    return WorkerRequest(cpu_budget(cpus, count), num_gpus, count)
 
 
-def cpu_budget(cpus: int, uses_model: list[bool], actors_per_stage: int) -> list[float]:
-    """CPUs each CPU-side actor asks for. Ray reserves an actor's CPUs for its whole life,
-    so the actors together must leave room for at least one prepare and one write task, or
-    the job waits forever for a CPU (on 2 cores, pools that take every CPU deadlock)."""
-    light = LIGHT_ACTOR_CPUS * actors_per_stage * sum(1 for m in uses_model if not m)
-    heavy_actors = actors_per_stage * sum(1 for m in uses_model if m)
-    available = max(0.2, cpus - 2 * TASK_CPUS - light)
+def cpu_budget(cpus: int, workers: int) -> float:
+    """CPUs each worker asks for. Ray reserves an actor's CPUs for its whole life, so the
+    workers together must leave room for at least one prepare and one write task, or the
+    job waits forever for a CPU (on 2 cores, workers that take every CPU deadlock)."""
+    available = max(0.2, cpus - 2 * TASK_CPUS)
     # Up to half the machine for the models; decode keeps the rest busy feeding them.
-    per_actor = min(available / heavy_actors, max(1.0, cpus / (2 * heavy_actors))) if heavy_actors else 0.0
-    per_actor = math.floor(per_actor * 1000) / 1000  # round down: the sum must stay in budget
-    return [per_actor if m else LIGHT_ACTOR_CPUS for m in uses_model]
+    per_worker = min(available / workers, max(1.0, cpus / (2 * workers)))
+    return math.floor(per_worker * 1000) / 1000  # round down: the sum must stay in budget
 
 
 def pack_rows(rows: Rows) -> bytes:
@@ -306,27 +344,125 @@ def unpack_rows(data: bytes) -> Rows:
     return pa.ipc.open_stream(data).read_all().to_pylist()
 
 
-class _ActorAdapter:
-    """Ray actor around an ExtractorStage: each call gets one packed micro-batch (one row)."""
-
-    def __init__(self, **kwargs):
-        self.stage = ExtractorStage(**kwargs)
-
-    def __call__(self, df):
-        import pandas as pd
-
-        return pd.DataFrame({"shard": df["shard"], "batch": [pack_rows(self.stage(unpack_rows(packed))) for packed in df["batch"]]})
+def _prepare_task(prepare: Callable[[Rows], Rows], packed: bytes) -> bytes:
+    """Ray task: decode one micro-batch (build) or read its stored inputs (extend)."""
+    return pack_rows(prepare(unpack_rows(packed)))
 
 
-def init_ray(address: str | None) -> None:
+def _write_task(write: Callable[[Rows], dict[str, Any]], *packed: bytes) -> dict[str, Any]:
+    """Ray task: write one shard from its micro-batches (Ray hands over the worker outputs
+    straight from the object store; the driver never holds them)."""
+    return write([row for batch in packed for row in unpack_rows(batch)])
+
+
+class _ChainWorker:
+    """The Ray actor: one ExtractorChain (every model of the job) and the node it runs on."""
+
+    def __init__(self, stages: list[StageSpec], location_url: str, storage_options: dict[str, Any]):
+        self.chain = ExtractorChain(stages, location_url, storage_options)
+
+    def node(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def run(self, packed: bytes) -> bytes:
+        return pack_rows(self.chain(unpack_rows(packed)))
+
+
+# Micro-batches a worker holds at once beyond the one it runs: enough that it never waits
+# for its next input while the decode tasks keep up.
+QUEUED_PER_WORKER = 2
+
+
+def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Ray executor. Workers (Ray actors) each hold every model of the job (ExtractorChain);
+    the driver hands each micro-batch to a prepare task (decode), its output to the least
+    busy worker, and a shard's outputs, once all are back, to a write task. Data moves by
+    reference: the decoded images enter the object store once and a worker's outputs leave
+    it once, into the write task; the driver only holds references. Micro-batches are fixed
+    by the plan and written in index order, so the bytes equal the local executor's."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    verbose = job.verbose if job.verbose is not None else logging.getLogger().isEnabledFor(logging.INFO)
+    init_ray(job.address, verbose)
+    resources = ray.cluster_resources()
+    cpus, gpus = int(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    groups = micro_batches(job.inputs, job.micro_batch)
+    shard_of = [g[0]["shard"] for g in groups]
+    left_in_shard = collections.Counter(shard_of)
+    request = worker_request(cpus, gpus, job.workers)
+    each = f"{request.num_cpus:g} CPU" + (f", {request.num_gpus:g} GPU" if request.num_gpus else "")
+    echo(f"ray: {cpus} CPUs, {gpus:g} GPUs; {request.count} worker{'s' if request.count > 1 else ''} ({each} each), each holding {', '.join(s.name for s in job.stages)}")
+
+    # Free CPUs keep decode tasks running ahead of the workers: two per CPU the workers leave.
+    decode_slots = max(1, int((cpus - request.count * request.num_cpus) / TASK_CPUS))
+    window = QUEUED_PER_WORKER + max(1, decode_slots // request.count)
+    prepare = ray.remote(num_cpus=TASK_CPUS)(_prepare_task)
+    write = ray.remote(num_cpus=TASK_CPUS)(_write_task)
+    worker_class = ray.remote(num_cpus=request.num_cpus, num_gpus=request.num_gpus, max_restarts=2, max_task_retries=2)(_ChainWorker)
+    prepare_ref, write_ref = ray.put(job.prepare), ray.put(job.write)
+    workers = [worker_class.remote(job.stages, job.location.url, job.location.storage_options) for _ in range(request.count)]
+    results: list[dict[str, Any]] = []
+    try:
+        nodes: dict[int, str] = {}
+        node_calls = {w.node.remote(): i for i, w in enumerate(workers)}
+        busy = [0] * len(workers)
+        running: dict[Any, tuple[int, int]] = {}  # output ref -> (micro-batch, worker)
+        outputs: dict[str, dict[int, Any]] = collections.defaultdict(dict)
+        writes: list[Any] = []
+        pending = collections.deque(range(len(groups)))
+        with Progress(echo, len(left_in_shard), len(job.inputs)) as progress:
+            while pending or running or writes or node_calls:
+                while pending:
+                    w = min(range(len(workers)), key=busy.__getitem__)
+                    if busy[w] >= window:
+                        break
+                    i = pending.popleft()
+                    # Decode on the worker's node (once known), so images cross the network once at most.
+                    strategy = NodeAffinitySchedulingStrategy(nodes[w], soft=True) if w in nodes else "DEFAULT"
+                    decoded = prepare.options(scheduling_strategy=strategy).remote(prepare_ref, pack_rows(groups[i]))
+                    running[workers[w].run.remote(decoded)] = (i, w)
+                    busy[w] += 1
+                ready, _ = ray.wait([*running, *writes, *node_calls], num_returns=1, timeout=1.0)
+                for ref in ready:
+                    if ref in node_calls:
+                        nodes[node_calls.pop(ref)] = ray.get(ref)
+                    elif ref in running:
+                        i, w = running.pop(ref)
+                        busy[w] -= 1
+                        progress.batch_done(len(groups[i]))
+                        shard = shard_of[i]
+                        outputs[shard][i] = ref
+                        left_in_shard[shard] -= 1
+                        if not left_in_shard[shard]:
+                            done = outputs.pop(shard)
+                            writes.append(write.remote(write_ref, *(done[k] for k in sorted(done))))
+                    else:
+                        writes.remove(ref)
+                        results.append(ray.get(ref))
+                        progress.shard_done(results[-1])
+    except ray.exceptions.RayActorError as e:
+        raise RuntimeError(f"a Ray worker holding the models failed: {e}") from None
+    finally:
+        for worker in workers:
+            ray.kill(worker)
+    return results
+
+
+def init_ray(address: str | None, verbose: bool = False) -> None:
     import ray
 
     if ray.is_initialized():
         return
+    # Ray's own logs (start-up notices, worker output) only with --verbose: posedata prints
+    # its own progress.
+    level = logging.INFO if verbose else logging.ERROR
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose, configure_logging=True, logging_level=level)
     else:
         # "local": start our own Ray. Without it ray.init joins the cluster that the last
         # `ray start` on this machine recorded (/tmp/ray/ray_current_cluster) and then
         # refuses num_cpus; joining a cluster is what --address is for.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=verbose, configure_logging=True, logging_level=level)

@@ -245,26 +245,31 @@ RAY_CPUS = 2.0
 @pytest.fixture(scope="module")
 def ray_build(tree, tmp_path_factory):
     """THE Ray build: `posedata build deepfashion ...` with the default executor, through the
-    CLI, in this process, on a Ray with 2 CPUs. Every `map_batches` request is recorded for
-    test_ray_actors_leave_room_for_decode_and_write."""
+    CLI, in this process, on a Ray with 2 CPUs. The job's extractors and the Ray workers it
+    asks for are recorded for test_ray_actors_leave_room_for_decode_and_write."""
     import logging
 
     import ray
 
+    import posedata.build
+    import posedata.pipeline
+
     out = tmp_path_factory.mktemp("ray") / "df"
     requests: list[dict] = []
-    original = ray.data.Dataset.map_batches
+    original_run, original_request = posedata.pipeline.run_with_ray, posedata.pipeline.worker_request
 
-    def spy(self, fn, *args, **kwargs):
-        ctor = kwargs.get("fn_constructor_kwargs") or {}
-        name = ctor.get("name") or getattr(ctor.get("spec"), "name", None) or getattr(fn, "__name__", repr(fn))
-        compute = kwargs.get("compute")
-        pool_size = compute.max_size if compute is not None else 1
-        requests.append({"name": name, "actor": isinstance(fn, type), "num_cpus": kwargs.get("num_cpus", 1), "pool_size": pool_size})
-        return original(self, fn, *args, **kwargs)
+    def run_spy(job, echo):
+        requests.append({"stages": [s.name for s in job.stages]})
+        return original_run(job, echo)
+
+    def request_spy(*args, **kwargs):
+        request = original_request(*args, **kwargs)
+        requests.append({"workers": request.count, "num_cpus": request.num_cpus})
+        return request
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(ray.data.Dataset, "map_batches", spy)
+    patch.setattr(posedata.build, "run_with_ray", run_spy)
+    patch.setattr(posedata.pipeline, "worker_request", request_spy)
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=int(RAY_CPUS), include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
@@ -311,9 +316,9 @@ def test_ray_build_exits_0_and_writes_the_documented_layout(ray_build, tree):
     assert ray_build.exit_code == 0, ray_build.output[-3000:]
     assert "build summary" in ray_build.output, ray_build.output
     assert f"inputs     {tree.inputs():>8}" in ray_build.output
-    # It really ran on Ray Data: decode tasks, then one actor pool per extractor, every
-    # default feature (parsing before clip_regions, which reads it) plus the annotations.
-    assert [r["name"] for r in ray_build.requests if r["actor"]] == DEFAULT_SPECS
+    # It really ran on Ray: one job of every default feature (parsing before clip_regions,
+    # which reads it) plus the annotations, held by the Ray workers.
+    assert [r["stages"] for r in ray_build.requests if "stages" in r] == [DEFAULT_SPECS]
 
     card = json.loads((out / "dataset.json").read_text())
     for path in ("dataset.json", "manifest.parquet", "rejects.parquet", "pairs/train.parquet", "pairs/test.parquet", "shards/train-000000.tar", "shards/test-000000.tar", "_done/build.json"):
@@ -337,11 +342,11 @@ def test_ray_build_exits_0_and_writes_the_documented_layout(ray_build, tree):
 
 
 def test_ray_actors_leave_room_for_decode_and_write(ray_build):
-    actors = [r for r in ray_build.requests if r["actor"]]
-    tasks = [r for r in ray_build.requests if not r["actor"]]
-    assert actors and tasks
-    held = sum(r["num_cpus"] * r["pool_size"] for r in actors)
-    assert held + max(r["num_cpus"] for r in tasks) <= ray_build.cpus
+    from posedata.pipeline import TASK_CPUS
+
+    (workers,) = [r for r in ray_build.requests if "workers" in r]
+    assert workers["workers"] == 1 and workers["num_cpus"] > 0
+    assert workers["workers"] * workers["num_cpus"] + 2 * TASK_CPUS <= ray_build.cpus
 
 
 def test_every_default_feature_reads_back_with_its_documented_shape_and_dtype(dataset):

@@ -8,10 +8,11 @@ SIGKILLed at a seeded moment while a poller watches the output folder:
 - local executor, a chain of kills: at a random moment after the scan, at the k-th done
   marker, as soon as a `.tmp-*` file shows up (a write caught before its rename), then one
   last run to the end. Each rerun says how many shards it skips.
-- Ray executor with `--workers 2` (two actors per extractor), killed while its shard writers
-  run, then the same command to the end. Every shard of that dataset was written by Ray with
-  two actors per extractor, so its byte equality with the local reference is also the
-  determinism check (workers, executor, task order).
+- Ray executor with `--workers 2` (two workers, each holding every model), killed while its
+  shard writers run, then the same command to the end. Every shard of that dataset was
+  written by Ray with two workers taking micro-batches in whatever order, so its byte
+  equality with the local reference is also the determinism check (workers, executor, task
+  order).
 - `--overwrite` starts over (a file dropped into the folder is gone, the result the same).
 
 What is checked, all the time and not only at the kill: every file under its final name is
@@ -29,7 +30,7 @@ in the killed driver's process session). Nothing else is killed: `ray stop --for
 also stop other people's Ray on a shared machine.
 
 Runtime on 2 cores: about 3 minutes (five local builds of ~12 s, two Ray builds with two
-actors per extractor of ~50 s); 4.3 minutes when the machine was loaded 13x over.
+workers); 4.3 minutes when the machine was loaded 13x over.
 Reproduce a failure with the seed it prints: POSEDATA_KILL_SEED=<seed> pytest tests/test_kill_resume.py
 """
 
@@ -323,8 +324,8 @@ def test_local_build_killed_again_and_again_resumes_to_the_same_bytes(photos, re
 
 @pytest.mark.timeout(400)
 def test_ray_build_with_two_workers_killed_while_writing_resumes_to_the_same_bytes(photos, reference, tmp_path):
-    """Ray writes shards after a group-by on the shard, so every shard is written at the end
-    (within about a second): the kill lands in that burst, at the k-th done marker."""
+    """Ray writes each shard as soon as its micro-batches are through the workers: the kill
+    lands at the k-th done marker, with shards still to extract and write."""
     rng = random.Random(SEED + 1)
     out = tmp_path / "ray" / "ds"
     args = build_args(photos, out, "--workers", "2")

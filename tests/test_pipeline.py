@@ -1,11 +1,13 @@
 """The shared job machinery: an extractor failing on one image rejects that image only;
-micro-batches are fixed by the plan; the CPU budget leaves room for decode and write; actor
-pools on GPUs fit side by side (checked by placing them as Ray does, and by a Ray build on a
-Ray that advertises a GPU this machine does not have)."""
+micro-batches are fixed by the plan; the CPU budget leaves room for decode and write; the
+Ray workers (each holding every model) fill each GPU without stranding one (checked by
+placing them as Ray does, and by a Ray build on a Ray that advertises a GPU this machine
+does not have); posedata's own progress lines."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,7 @@ from click.testing import CliRunner
 from posedata import extractors
 from posedata.cli import main as cli
 from posedata.extractors.base import Extractor, ExtractorError, OutputSpec
-from posedata.extractors import DEFAULT_FEATURES, dependency_order, extractor_class
-from posedata.pipeline import TASK_CPUS, actor_requests, cpu_budget, micro_batches
+from posedata.pipeline import TASK_CPUS, Progress, micro_batches, worker_request
 
 
 class BrightnessExtractor(Extractor):
@@ -64,86 +65,90 @@ def test_micro_batches_are_fixed_by_shard_and_index():
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 4, 16])
-@pytest.mark.parametrize("stages", [[True], [True, True, False], [True] * 8 + [False]])
-def test_cpu_actors_always_leave_room_for_a_decode_and_a_write_task(cpus, stages):
-    shares = cpu_budget(cpus, stages, actors_per_stage=1)
-    assert all(s > 0 for s in shares)
+@pytest.mark.parametrize("workers", [None, 1, 2, 3])
+def test_cpu_workers_always_leave_room_for_a_decode_and_a_write_task(cpus, workers):
+    request = worker_request(cpus, 0, workers)
+    assert request.count == (workers or 1) and request.num_cpus > 0 and request.num_gpus == 0
     if cpus >= 2:
-        assert sum(shares) + 2 * 0.5 <= cpus + 1e-9
+        assert request.count * request.num_cpus + 2 * TASK_CPUS <= cpus + 1e-9
 
 
-def place_first_fit(requests, gpus: int) -> list[float]:
-    """Place every actor, pool after pool, on the first GPU with room for its share, as Ray's
+def place_first_fit(share: float, count: int, gpus: int) -> list[float]:
+    """Place `count` workers of `share` GPU each on the first GPU with room, as Ray's
     scheduler places fractional GPU requests; fails if one finds no room."""
     load = [0.0] * gpus
-    for r in requests:
-        for _ in range(r.pool_size if r.num_gpus else 0):
-            gpu = next((g for g in range(gpus) if load[g] + r.num_gpus <= 1 + 1e-9), None)
-            assert gpu is not None, f"no GPU has room for an actor of {r.num_gpus} GPU; loads {load}"
-            load[gpu] += r.num_gpus
+    for _ in range(count):
+        gpu = next((g for g in range(gpus) if load[g] + share <= 1 + 1e-9), None)
+        assert gpu is not None, f"no GPU has room for a worker of {share} GPU; loads {load}"
+        load[gpu] += share
     return load
-
-
-FULL_SET = dependency_order(list(DEFAULT_FEATURES)) + ["keypoints_annotated"]
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 8])
 @pytest.mark.parametrize("cpus", [2, 16, 64])
-@pytest.mark.parametrize("specs", [FULL_SET, ["openpose"], ["openpose", "keypoints_annotated"], ["dinov2:giant", "vae:sd21"]], ids=["full", "openpose", "openpose+annotated", "dinov2+vae"])
-def test_gpu_actor_pools_fit_side_by_side(specs, cpus, gpus):
-    classes = [extractor_class(s) for s in specs]
-    requests = actor_requests(classes, cpus, gpus, workers=1)
-    for cls, r in zip(classes, requests):
-        assert r.pool_size >= 1 and r.num_cpus > 0
-        if cls.uses_model:
-            # every model gets an actor on every GPU, with a GPU share in proportion to its weight
-            assert r.num_gpus > 0 and r.pool_size >= gpus
-        else:
-            assert r.num_gpus == 0
-    place_first_fit(requests, gpus)  # whatever order the pools start in
-    place_first_fit(list(reversed(requests)), gpus)
-    assert sum(r.num_cpus * r.pool_size for r in requests) + 2 * TASK_CPUS <= cpus + 1e-9
+@pytest.mark.parametrize("workers", [None, 1, 2, 3])
+def test_gpu_workers_fill_every_gpu_and_leave_cpus_for_decode(gpus, cpus, workers):
+    request = worker_request(cpus, gpus, workers)
+    per_gpu = workers or 1
+    assert request.count == gpus * per_gpu and request.num_cpus > 0
+    load = place_first_fit(request.num_gpus, request.count, gpus)
+    assert all(load_ > 1 - 0.01 for load_ in load)  # every GPU busy, none over-booked
+    assert request.count * request.num_cpus + 2 * TASK_CPUS <= cpus + 1e-9
 
 
-def test_a_single_small_model_gets_several_actors_per_gpu():
-    (request,) = actor_requests([extractor_class("openpose")], cpus=16, gpus=1, workers=1)
-    assert request.pool_size >= 2 and request.pool_size * request.num_gpus <= 1
+def test_a_fraction_of_a_gpu_gets_its_workers():
+    request = worker_request(4, 0.5, 2)
+    assert request.count == 2 and request.num_gpus * 2 <= 0.5
+
+
+def test_progress_lines_say_shards_images_rate_eta_and_rejects():
+    lines: list[str] = []
+    with Progress(lines.append, shards=4, images=100, interval=0.0) as progress:
+        progress.batch_done(25)
+        progress.shard_done({"written": 20, "rejected": 5})
+    assert "1/4 shards written" in lines[-2] and "25/100 images" in lines[-2] and "ETA" in lines[-2] and "5 rejected so far" in lines[-2]
+    assert "images/s" in lines[-1]
 
 
 def test_ray_build_on_a_gpu_ray_equals_the_local_build(fixtures_dir, tmp_path, monkeypatch):
-    """A Ray that advertises one GPU (this machine has none, so the actors run their models on
-    CPU): the GPU pools of four models whose shares add up to more than one GPU all start,
-    the build finishes, and its files equal a local build's byte for byte."""
+    """A Ray that advertises one GPU (this machine has none, so the worker runs its models on
+    CPU): the worker holding four models takes the GPU, the build finishes, its progress
+    is posedata's own lines (no Ray status blocks), and its files equal a local build's
+    byte for byte."""
     import logging
 
     import ray
 
+    import posedata.pipeline
+
     specs = "openpose,clip,vae:sd15,dinov2:base"
     args = ["--root", str(fixtures_dir / "deepfashion"), "--res", "64x48", "--weights", "tiny", "--features", specs]
-    local = CliRunner().invoke(cli, ["build", "folder", *args, "--out", str(tmp_path / "local"), "--executor", "local"])
+    local = CliRunner().invoke(cli, ["build", "folder", *args, "--out", str(tmp_path / "local" / "ds"), "--executor", "local"])
     assert local.exit_code == 0, local.output
 
     requested = []
-    original = ray.data.Dataset.map_batches
+    original = posedata.pipeline.worker_request
 
-    def spy(self, fn, *a, **kwargs):
-        if isinstance(fn, type):
-            requested.append((kwargs.get("num_gpus", 0), kwargs["compute"].max_size))
-        return original(self, fn, *a, **kwargs)
+    def spy(*a, **kwargs):
+        requested.append(original(*a, **kwargs))
+        return requested[-1]
 
-    monkeypatch.setattr(ray.data.Dataset, "map_batches", spy)
+    monkeypatch.setattr(posedata.pipeline, "worker_request", spy)
     if ray.is_initialized():
         ray.shutdown()
     ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level=logging.WARNING)
     try:
-        result = CliRunner().invoke(cli, ["build", "folder", *args, "--out", str(tmp_path / "ray"), "--executor", "ray"])
+        result = CliRunner().invoke(cli, ["build", "folder", *args, "--out", str(tmp_path / "ray" / "ds"), "--executor", "ray"])
     finally:
         ray.shutdown()
     assert result.exit_code == 0, result.output
-    assert len(requested) == 4 and all(g > 0 for g, _ in requested)
-    assert sum(g * n for g, n in requested) <= 1
+    (request,) = requested
+    assert request.count == 1 and request.num_gpus == 1
+    assert "ray: 2 CPUs, 1 GPUs; 1 worker (1 CPU, 1 GPU each), each holding openpose, clip, vae:sd15, dinov2:base" in result.output
+    assert re.search(r"1/1 shards written, (\d+)/\1 images through the models", result.output), result.output
+    assert "Running Dataset" not in result.output and "INFO" not in result.output
 
     def files(root: Path) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.name != "dataset.json"}
 
-    assert files(tmp_path / "ray") == files(tmp_path / "local")
+    assert files(tmp_path / "ray" / "ds") == files(tmp_path / "local" / "ds")  # same folder name: the card names it
