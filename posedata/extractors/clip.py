@@ -37,12 +37,12 @@ import numpy as np
 from posedata.extractors.base import (
     checked_image,
     stored_dtype_label,
-    Extractor,
     OutputSpec,
     Sample,
     numpy_store_dtype,
     torch_dtype,
 )
+from posedata.extractors.hf import COMPUTE_DTYPE_POLICY, HFEncoderExtractor
 
 # Step 1 of the official preprocessing: (img_width, img_height) = (512, 512), PIL BICUBIC.
 SQUARE_SIZE = 512
@@ -94,20 +94,13 @@ TINY_CONFIG: dict[str, Any] = {
     "projection_dim": 32,
 }
 
-# The encoder runs in fp32 on CPU (fp16 matmuls there are slow and inexact) and in the
-# dataset's dtype on CUDA (fp16 by default, as PCDMs' fp16 mixed-precision training ran it).
-COMPUTE_DTYPE_POLICY = "cpu:fp32,cuda:dataset-dtype"
+class ClipStyleEncoder(HFEncoderExtractor):
+    """An image encoder fed as PCDMs feeds CLIP and DINOv2: square resize to 512 x 512, the
+    default `CLIPImageProcessor`, one output of the model stored per image (`model_output`
+    as `output_suffix`); the null embedding is the output for all-zero normalised pixels."""
 
-
-class ClipExtractor(Extractor):
-    name = "clip"
-    version = "1"
-    default_model = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    model_output = "image_embeds"  # the attribute of the model's output that is stored
-    output_suffix = "embeds.npy"
-    batch_size = 64
-    # ViT-H/14 is ~1.3 GB in fp16: two actors fit on one GPU.
-    gpu_share = 0.5
+    model_output: str
+    output_suffix: str
 
     def __init__(
         self,
@@ -120,15 +113,82 @@ class ClipExtractor(Extractor):
         square_size: int = SQUARE_SIZE,
         processor_backend: str = "pil",
     ) -> None:
-        super().__init__(weights=weights, model=model, resolution=resolution, dtype=dtype, seed=seed)
+        super().__init__(weights=weights, model=model, resolution=resolution, dtype=dtype, seed=seed, revision=revision)
         if processor_backend not in PROCESSOR_BACKENDS:
             raise ValueError(f"processor_backend must be one of {PROCESSOR_BACKENDS}, got {processor_backend!r}")
-        self.revision = revision
         self.square_size = int(square_size)
         self.processor_backend = processor_backend
-        self._model = None
-        self._processor = None
-        self._compute_dtype = None
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {
+            "square_resize": [self.square_size, self.square_size],
+            "square_resample": SQUARE_RESAMPLE,
+            "processor": "CLIPImageProcessor (default-constructed)",
+            "processor_backend": self.processor_backend,
+            "processor_params": PROCESSOR_DEFAULTS,
+        }
+
+    def build_processor(self):
+        from transformers import CLIPImageProcessor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        cls = CLIPImageProcessorPil if self.processor_backend == "pil" else CLIPImageProcessor
+        # Explicit parameters equal to the defaults, so the recorded facts are what runs.
+        return cls(**PROCESSOR_DEFAULTS)
+
+    def square_resize(self, image: np.ndarray):
+        from PIL import Image
+
+        return Image.fromarray(image).resize((self.square_size, self.square_size), Image.BICUBIC)
+
+    def preprocess(self, images: list[np.ndarray]):
+        """uint8 [H, W, 3] images -> normalised float32 pixel tensor [N, 3, 224, 224]."""
+        if self._processor is None:
+            self._processor = self.build_processor()
+        squares = [self.square_resize(image) for image in images]
+        return self._processor(images=squares, return_tensors="pt").pixel_values
+
+    def encode_pixels(self, pixel_values) -> np.ndarray:
+        """Normalised pixels [N, 3, 224, 224] -> the model's `model_output` in the stored dtype."""
+        import torch
+
+        if self._model is None:
+            raise RuntimeError(f"{type(self).__name__}.setup(device) must be called before encoding")
+        with torch.inference_mode():
+            pixels = pixel_values.to(device=self.device, dtype=self._compute_dtype)
+            values = getattr(self._model(pixel_values=pixels), self.model_output)
+            # Round to the dataset dtype first (bf16 is then stored as float32).
+            values = values.to(torch_dtype(self.dtype)).float().cpu().numpy()
+        return values.astype(numpy_store_dtype(self.dtype))
+
+    def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
+        if not batch:
+            return []
+        images = [checked_image(sample, self.name) for sample in batch]
+        return [{self.output_suffix: row} for row in self.encode_pixels(self.preprocess(images))]
+
+    def null_embedding(self) -> dict[str, np.ndarray]:
+        import torch
+
+        crop = PROCESSOR_DEFAULTS["crop_size"]
+        zeros = torch.zeros(1, 3, crop["height"], crop["width"])
+        return {self.output_suffix: self.encode_pixels(zeros)[0]}
+
+
+class ClipExtractor(ClipStyleEncoder):
+    name = "clip"
+    version = "1"
+    default_model = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    model_output = "image_embeds"  # the attribute of the model's output that is stored
+    output_suffix = "embeds.npy"
+    batch_size = 64
+    # ViT-H/14 is ~1.3 GB in fp16: two actors fit on one GPU.
+    gpu_share = 0.5
+
+    def model_class(self) -> type:
+        from transformers import CLIPVisionModelWithProjection
+
+        return CLIPVisionModelWithProjection
 
     # ---- description ------------------------------------------------------------------------
 
@@ -161,15 +221,6 @@ class ClipExtractor(Extractor):
             )
         }
 
-    def preprocessing(self) -> dict[str, Any]:
-        return {
-            "square_resize": [self.square_size, self.square_size],
-            "square_resample": SQUARE_RESAMPLE,
-            "processor": "CLIPImageProcessor (default-constructed)",
-            "processor_backend": self.processor_backend,
-            "processor_params": PROCESSOR_DEFAULTS,
-        }
-
     def fingerprint_inputs(self) -> dict[str, Any]:
         inputs = super().fingerprint_inputs()
         inputs.update(
@@ -184,81 +235,3 @@ class ClipExtractor(Extractor):
             }
         )
         return inputs
-
-    # ---- model ------------------------------------------------------------------------------
-
-    def build_processor(self):
-        from transformers import CLIPImageProcessor
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-        cls = CLIPImageProcessorPil if self.processor_backend == "pil" else CLIPImageProcessor
-        # Explicit parameters equal to the defaults, so the recorded facts are what runs.
-        return cls(**PROCESSOR_DEFAULTS)
-
-    def build_model(self):
-        import torch
-        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-        if self.weights == "pretrained":
-            kwargs = {"revision": self.revision} if self.revision else {}
-            # A hub id or a local directory; HF_HUB_OFFLINE=1 keeps it to the local cache.
-            return CLIPVisionModelWithProjection.from_pretrained(self.model_id, **kwargs)
-        config = CLIPVisionConfig(**self.architecture_config())
-        # Seeded init without disturbing the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return CLIPVisionModelWithProjection(config)
-
-    def setup(self, device: str) -> None:
-        import torch
-
-        super().setup(device)
-        on_cuda = str(device).startswith("cuda")
-        self._compute_dtype = torch_dtype(self.dtype) if on_cuda else torch.float32
-        model = self.build_model()
-        model.requires_grad_(False)
-        self._model = model.to(device=device, dtype=self._compute_dtype).eval()
-        self._processor = self.build_processor()
-
-    # ---- preprocessing ----------------------------------------------------------------------
-
-    def square_resize(self, image: np.ndarray):
-        from PIL import Image
-
-        return Image.fromarray(image).resize((self.square_size, self.square_size), Image.BICUBIC)
-
-    def preprocess(self, images: list[np.ndarray]):
-        """uint8 [H, W, 3] images -> normalised float32 pixel tensor [N, 3, 224, 224]."""
-        if self._processor is None:
-            self._processor = self.build_processor()
-        squares = [self.square_resize(image) for image in images]
-        return self._processor(images=squares, return_tensors="pt").pixel_values
-
-    # ---- extraction -------------------------------------------------------------------------
-
-    def encode_pixels(self, pixel_values) -> np.ndarray:
-        """Normalised pixels [N, 3, 224, 224] -> the model's `model_output` (image_embeds
-        [N, D] here) in the stored dtype."""
-        import torch
-
-        if self._model is None:
-            raise RuntimeError(f"{type(self).__name__}.setup(device) must be called before encoding")
-        with torch.inference_mode():
-            pixels = pixel_values.to(device=self.device, dtype=self._compute_dtype)
-            values = getattr(self._model(pixel_values=pixels), self.model_output)
-            # Round to the dataset dtype first (bf16 is then stored as float32).
-            values = values.to(torch_dtype(self.dtype)).float().cpu().numpy()
-        return values.astype(numpy_store_dtype(self.dtype))
-
-    def __call__(self, batch: list[Sample]) -> list[dict[str, np.ndarray]]:
-        if not batch:
-            return []
-        images = [checked_image(sample, self.name) for sample in batch]
-        return [{self.output_suffix: row} for row in self.encode_pixels(self.preprocess(images))]
-
-    def null_embedding(self) -> dict[str, np.ndarray]:
-        import torch
-
-        crop = PROCESSOR_DEFAULTS["crop_size"]
-        zeros = torch.zeros(1, 3, crop["height"], crop["width"])
-        return {self.output_suffix: self.encode_pixels(zeros)[0]}

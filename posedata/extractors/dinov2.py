@@ -37,17 +37,15 @@ from typing import Any, ClassVar
 
 from posedata.extractors.base import (
     stored_dtype_label,
-    Extractor,
     OutputSpec,
     resolve_preset,
-    torch_dtype,
 )
 from posedata.extractors.clip import (
-    PROCESSOR_BACKENDS,
     PROCESSOR_DEFAULTS,
     SQUARE_SIZE,
-    ClipExtractor,
+    ClipStyleEncoder,
 )
+from posedata.extractors.hf import COMPUTE_DTYPE_POLICY
 
 # facebook/dinov2-giant config.json: ViT-g/14 with SwiGLU FFN (hidden 1536, 40 layers,
 # 24 heads, mlp_ratio 4 -> SwiGLU hidden (int(6144 * 2 / 3) + 7) // 8 * 8 = 4096).
@@ -87,11 +85,7 @@ LEGACY_POS_INTERPOLATION = {
     "interpolate": "bicubic, align_corners=False, scale_factor=((h // p + 0.1) / sqrt(N), (w // p + 0.1) / sqrt(N))",
     "computed_in": "float32",
 }
-# As clip.py: fp32 on CPU, the dataset dtype on CUDA (PCDMs ran DINOv2 in fp16).
-COMPUTE_DTYPE_POLICY = "cpu:fp32,cuda:dataset-dtype"
-
-
-class Dinov2Extractor(Extractor):
+class Dinov2Extractor(ClipStyleEncoder):
     name = "dinov2"
     version = "1"
     default_model = "facebook/dinov2-giant"
@@ -105,18 +99,9 @@ class Dinov2Extractor(Extractor):
     }
     DEFAULT_PRESET: ClassVar[str] = "giant"
 
-    # PCDMs' preprocessing is clip.py's: reuse its functions, not a copy (they read
-    # self.square_size, self.processor_backend and self._processor).
-    square_resize = ClipExtractor.square_resize
-    build_processor = ClipExtractor.build_processor
-    preprocess = ClipExtractor.preprocess
-    preprocessing = ClipExtractor.preprocessing
-    # Same encoding path as CLIP, storing last_hidden_state instead of image_embeds.
+    # PCDMs feeds DINOv2 as CLIP (ClipStyleEncoder), storing last_hidden_state.
     model_output = "last_hidden_state"
     output_suffix = "tokens.npy"
-    encode_pixels = ClipExtractor.encode_pixels
-    __call__ = ClipExtractor.__call__
-    null_embedding = ClipExtractor.null_embedding
 
     def __init__(
         self,
@@ -138,18 +123,13 @@ class Dinov2Extractor(Extractor):
             resolution=resolution,
             dtype=dtype,
             seed=seed,
+            revision=revision,
+            square_size=square_size,
+            processor_backend=processor_backend,
         )
-        if processor_backend not in PROCESSOR_BACKENDS:
-            raise ValueError(f"processor_backend must be one of {PROCESSOR_BACKENDS}, got {processor_backend!r}")
         if pos_interpolation not in POS_INTERPOLATIONS:
             raise ValueError(f"pos_interpolation must be one of {POS_INTERPOLATIONS}, got {pos_interpolation!r}")
-        self.revision = revision
-        self.square_size = int(square_size)
-        self.processor_backend = processor_backend
         self.pos_interpolation = pos_interpolation
-        self._model = None
-        self._processor = None
-        self._compute_dtype = None
 
     # ---- description ------------------------------------------------------------------------
 
@@ -222,35 +202,14 @@ class Dinov2Extractor(Extractor):
 
     # ---- model ------------------------------------------------------------------------------
 
-    def build_model(self):
-        import torch
-        from transformers import Dinov2Config, Dinov2Model
+    def model_class(self) -> type:
+        from transformers import Dinov2Model
 
-        if self.weights == "pretrained":
-            kwargs = {"revision": self.revision} if self.revision else {}
-            # A hub id or a local directory; HF_HUB_OFFLINE=1 keeps it to the local cache.
-            return Dinov2Model.from_pretrained(self.model_id, **kwargs)
-        config = Dinov2Config(**self.architecture_config())
-        # Seeded init without disturbing the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return Dinov2Model(config)
+        return Dinov2Model
 
-    def setup(self, device: str) -> None:
-        import torch
-
-        super().setup(device)
-        on_cuda = str(device).startswith("cuda")
-        self._compute_dtype = torch_dtype(self.dtype) if on_cuda else torch.float32
-        model = self.build_model()
-        model.requires_grad_(False)
+    def prepare(self, model) -> None:
         if self.pos_interpolation == "legacy":
             use_legacy_pos_interpolation(model)
-        self._model = model.to(device=device, dtype=self._compute_dtype).eval()
-        self._processor = self.build_processor()
-
-    # ---- extraction -------------------------------------------------------------------------
-
 
 def legacy_interpolate_pos_encoding(self, embeddings, height: int, width: int):
     """transformers 4.32.1's `Dinov2Embeddings.interpolate_pos_encoding` arithmetic (bound to a

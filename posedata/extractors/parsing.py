@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import checked_image, NOTES, Extractor, OutputSpec, Sample, torch_dtype
+from posedata.extractors.base import checked_image, NOTES, OutputSpec, Sample
+from posedata.extractors.hf import HFEncoderExtractor
 
 # Our label ids (index) and names: SCHP's ATR list, lower-cased.
 ATR_LABELS: tuple[str, ...] = (
@@ -171,7 +172,7 @@ def regions_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return classes.astype(np.int32), counts[classes].astype(np.int32), boxes
 
 
-class ParsingExtractor(Extractor):
+class ParsingExtractor(HFEncoderExtractor):
     name = "parsing"
     version = "1"
     default_model = "mattmdjaga/segformer_b2_clothes"
@@ -189,15 +190,11 @@ class ParsingExtractor(Extractor):
         revision: str | None = None,
         processor_backend: str = "pil",
     ) -> None:
-        super().__init__(weights=weights, model=model, resolution=resolution, dtype=dtype, seed=seed)
+        super().__init__(weights=weights, model=model, resolution=resolution, dtype=dtype, seed=seed, revision=revision)
         if processor_backend not in PROCESSOR_BACKENDS:
             raise ValueError(f"processor_backend must be one of {PROCESSOR_BACKENDS}, got {processor_backend!r}")
-        self.revision = revision
         self.processor_backend = processor_backend
-        self._model = None
-        self._processor = None
         self._lookup = None
-        self._compute_dtype = None
 
     # ---- description ------------------------------------------------------------------------
 
@@ -249,34 +246,21 @@ class ParsingExtractor(Extractor):
         cls = SegformerImageProcessorPil if self.processor_backend == "pil" else SegformerImageProcessor
         return cls(**PROCESSOR_DEFAULTS)
 
-    def build_model(self):
-        import torch
-        from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    def model_class(self) -> type:
+        from transformers import SegformerForSemanticSegmentation
 
-        if self.weights == "pretrained":
-            kwargs = {"revision": self.revision} if self.revision else {}
-            return SegformerForSemanticSegmentation.from_pretrained(self.model_id, **kwargs)
-        config = SegformerConfig(
-            **self.architecture_config(),
-            id2label=dict(ATR_ID2LABEL),
-            label2id={v: k for k, v in ATR_ID2LABEL.items()},
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return SegformerForSemanticSegmentation(config)
+        return SegformerForSemanticSegmentation
 
-    def setup(self, device: str) -> None:
+    def make_config(self, config: dict[str, Any]):
+        from transformers import SegformerConfig
+
+        return SegformerConfig(**config, id2label=dict(ATR_ID2LABEL), label2id={v: k for k, v in ATR_ID2LABEL.items()})
+
+    def prepare(self, model) -> None:
         import torch
 
-        super().setup(device)
-        on_cuda = str(device).startswith("cuda")
-        self._compute_dtype = torch_dtype(self.dtype) if on_cuda else torch.float32
-        model = self.build_model()
         # Refuse a checkpoint with another label set before any image is processed.
         self._lookup = torch.from_numpy(atr_lookup(model.config.id2label))
-        model.requires_grad_(False)
-        self._model = model.to(device=device, dtype=self._compute_dtype).eval()
-        self._processor = self.build_processor()
 
     # ---- extraction -------------------------------------------------------------------------
 

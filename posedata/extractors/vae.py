@@ -59,6 +59,7 @@ from posedata.extractors.base import (
     resolve_preset,
     torch_dtype,
 )
+from posedata.extractors.hf import seeded
 
 # The SD VAE (both presets share the architecture): the configs of
 # stabilityai/stable-diffusion-2-1-base/vae/config.json and stabilityai/sd-vae-ft-mse/config.json
@@ -288,9 +289,7 @@ class VaeExtractor(Extractor):
                     raise FileNotFoundError(f"vae: no subfolder {self.subfolder!r} in {self.model_id}")
             # A hub id or a local directory; HF_HUB_OFFLINE=1 keeps it to the local cache.
             return AutoencoderKL.from_pretrained(self.model_id, torch_dtype=torch.float32, **kwargs)
-        # Seeded init without disturbing the caller's global RNG stream.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             return AutoencoderKL(**self.architecture_config())
 
     def setup(self, device: str) -> None:
