@@ -516,7 +516,6 @@ def main() -> None:
             row["efficiency"] = row["e2e_images_per_s"] / row["model_only_images_per_s"]
             if args.device.startswith("cuda"):
                 import torch
-
                 from limits import extraction_bound_of, load_limits
 
                 bound = extraction_bound_of(chain, torch.cuda.get_device_name(0), load_limits())

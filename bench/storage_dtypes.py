@@ -45,10 +45,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
+from posedata.extractors.base import numpy_store_dtype, stored_dtype_label
 from posedata.images import decode_image, encode_jpeg, encode_png, resize
 from posedata.render import COCO18_NAMES, draw_openpose
 from posedata.shards import tar_bytes
-from posedata.extractors.base import numpy_store_dtype, stored_dtype_label
 from posedata.storage import FP8_E4M3_MAX, decode_output_members, encode_members, member_nbytes
 
 RESOLUTIONS = ((256, 176), (512, 352))

@@ -19,23 +19,51 @@ import logging
 import os
 import posixpath
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 
 import posedata
-from posedata.extractors import DEFAULT_FEATURES, create_extractor, dependency_order, extractor_class, extractor_options, parse_spec, provider
 from posedata.errors import PosedataError
+from posedata.extend import record_features
+from posedata.extractors import (
+    DEFAULT_FEATURES,
+    create_extractor,
+    dependency_order,
+    extractor_class,
+    extractor_options,
+    parse_spec,
+    provider,
+)
 from posedata.extractors.base import Extractor
 from posedata.images import ImageRejected, NotRegularFile, read_source_bytes, store_image
-from posedata.layout import CARD, DONE, FORMAT_VERSION, HUB_CARD, MANIFEST, META, REJECTS, DatasetLocation, relative_source_path, without_root, without_root_in
+from posedata.interop import write_wids_indexes
+from posedata.layout import (
+    CARD,
+    DONE,
+    FORMAT_VERSION,
+    HUB_CARD,
+    MANIFEST,
+    META,
+    REJECTS,
+    DatasetLocation,
+    relative_source_path,
+    without_root,
+    without_root_in,
+)
+from posedata.pipeline import Job, StageSpec, output_suffixes, run_locally, run_with_ray
 from posedata.plan import ShardTask, plan_shards
 from posedata.records import STAGE_DECODE, SourceScan
-from posedata.extend import record_features
-from posedata.pipeline import Job, StageSpec, output_suffixes, run_locally, run_with_ray
-from posedata.interop import write_wids_indexes
-from posedata.shards import MANIFEST_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA, duplicates_across_splits, duplicates_text, write_shard
+from posedata.shards import (
+    MANIFEST_SCHEMA,
+    PAIRS_SCHEMA,
+    REJECTS_SCHEMA,
+    duplicates_across_splits,
+    duplicates_text,
+    write_shard,
+)
 
 log = logging.getLogger("posedata.build")
 

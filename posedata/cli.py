@@ -155,7 +155,8 @@ def _more_logging(verbose: bool) -> None:
 
 def _run_build(source: str, source_options: dict, **kw) -> None:
     _more_logging(kw.pop("verbose", False))
-    from posedata.build import BuildConfig, build as run_build
+    from posedata.build import BuildConfig
+    from posedata.build import build as run_build
 
     config = BuildConfig(
         source=source,
@@ -222,7 +223,8 @@ def build_folder(group_regex, test_fraction, split_seed, **kw) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Ray's own logs and progress too.")
 def extend(url, features, preset, models, batch_sizes, storage_options, verbose, **kw) -> None:
     """Add features to a finished dataset (local or in a bucket) without touching what is there."""
-    from posedata.extend import ExtendConfig, ExtendError, extend as run_extend
+    from posedata.extend import ExtendConfig, ExtendError
+    from posedata.extend import extend as run_extend
 
     _more_logging(verbose)
 
@@ -263,7 +265,8 @@ def inspect(url: str, storage_options: str | None) -> None:
 def verify(url: str, features: str | None, storage_options: str | None) -> None:
     """Re-read every shard and sidecar and check keys, counts, fingerprints and every array
     against the manifest and the card; print what is wrong, by file, shard and key (exit code 1)."""
-    from posedata.verify import format_report, verify as run_verify
+    from posedata.verify import format_report
+    from posedata.verify import verify as run_verify
 
     specs = [f.strip() for f in features.split(",") if f.strip()] if features else None
     report = run_verify(url, parse_storage_options(storage_options), features=specs)

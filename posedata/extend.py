@@ -19,13 +19,21 @@ import collections
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from posedata.extractors import create_extractor, dependency_order, extractor_class, extractor_options, parse_spec, provider
+from posedata.extractors import (
+    create_extractor,
+    dependency_order,
+    extractor_class,
+    extractor_options,
+    parse_spec,
+    provider,
+)
 from posedata.extractors.base import Extractor
 from posedata.interop import write_hub_card, write_wids_indexes
 from posedata.layout import CARD, FEATURE_CARD, META, DatasetLocation

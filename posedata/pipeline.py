@@ -17,8 +17,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from posedata.extractors import create_extractor
 from posedata.extractors.base import NOTES, Extractor, ExtractorError, Sample
@@ -198,7 +199,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tick, daemon=True)
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         self._thread.start()
         return self
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 import collections
 import logging
 import random
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -134,7 +135,7 @@ class Dataset:
         for position, parts in enumerate(_zip_longest(streams)):
             keys = [p["__key__"] if p is not None else None for p in parts]
             want = expected[position] if position < len(expected) else None
-            for (column, path), key in zip(sources, keys):
+            for (_column, path), key in zip(sources, keys):
                 if key != want:
                     raise ShardError(f"{self.location.url_of(path)}: sample {position} has key {key!r}, expected {want!r} (from the manifest): the sidecar does not line up with shard {shard}")
             split, group = info[want]

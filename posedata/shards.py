@@ -46,7 +46,7 @@ REJECTS_SCHEMA = pa.schema(
 PAIRS_SCHEMA = pa.schema([("split", pa.string()), ("source_key", pa.string()), ("target_key", pa.string()), ("shard", pa.string())])
 # The done marker is one table of both kinds of rows, told apart by `status`.
 MARKER_SCHEMA = pa.schema(
-    [f for f in MANIFEST_SCHEMA] + [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("notes", pa.string())]
+    list(MANIFEST_SCHEMA) + [pa.field("stage", pa.string()), pa.field("reason", pa.string()), pa.field("notes", pa.string())]
 )
 
 

@@ -42,15 +42,16 @@ import math
 import posixpath
 import re
 import tarfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from posedata.extend import feature_done_marker
 from posedata.layout import CARD, DONE, FEATURE_CARD, HUB_CARD, MANIFEST, META, REJECTS, DatasetLocation
 from posedata.shards import MANIFEST_SCHEMA, decode_output, decode_stored_output
-from posedata.storage import card_members, decode_float, is_bf16_bits, is_fp8
+from posedata.storage import decode_float, is_bf16_bits, is_fp8
 
 # More problems than this in one file are counted, not listed.
 MAX_PROBLEMS_PER_FILE = 20
@@ -667,7 +668,7 @@ def _tar_samples(stream, size: int | None = None) -> Iterator[tuple[str, dict[st
     members: dict[str, bytes] = {}
     last = ""
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
+        tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (a stream over the caller's file object, which the caller closes)
     except Exception as e:
         raise _TarError(_short(e)) from e
     while True:

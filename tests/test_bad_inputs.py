@@ -42,9 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import webdataset as wds
-from PIL import Image, ImageDraw
-
 from hostile_files import unreadable_runner
+from PIL import Image, ImageDraw
 
 POSEDATA = str(Path(sys.executable).with_name("posedata"))
 RES = (128, 96)  # H, W
@@ -152,7 +151,7 @@ def key(rel: str) -> str:
 def test_every_bad_input_is_accounted_for(fixtures_dir, tmp_path):
     prefix, skipped = unreadable_runner()
     if skipped:
-        warnings.warn(skipped, RuntimeWarning)  # shown in pytest's warnings summary
+        warnings.warn(skipped, RuntimeWarning, stacklevel=1)  # shown in pytest's warnings summary
     inputs = Inputs(tmp_path / "photos", fixtures_dir, with_unreadable=skipped is None)
     out = tmp_path / "out"
 

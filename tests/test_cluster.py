@@ -42,7 +42,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageOps
-
 from process_support import session_processes, signal_session
 
 from posedata.cli import main as cli_main

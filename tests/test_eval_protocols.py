@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from posedata.eval import metrics as M
-from posedata.extractors import create_extractor
 from posedata.eval.masks import body_mask
 from posedata.eval.protocol import REGISTRY, create_protocol
+from posedata.extractors import create_extractor
 
 
 @pytest.fixture(scope="module")

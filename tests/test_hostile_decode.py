@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
+from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, gradient, hostile_corpus
 from PIL import Image, ImageCms
 
-from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, gradient, hostile_corpus
 from posedata import images
 from posedata.cli import main as cli_main
 from posedata.images import ImageRejected, StoredImage, store_image

@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
+from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, gradient, unreadable_runner
 from PIL import Image
 
-from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, gradient, unreadable_runner
 import posedata.images  # noqa: F401 - registers the HEIC plugin the folder is written with
 from posedata.cli import main as cli_main
 from posedata.sources.folder import group_fraction

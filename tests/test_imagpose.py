@@ -163,8 +163,9 @@ def test_cva_runs_diffusers_motion_layers_with_a_per_tile_group_norm():
 
 
 def test_official_min_snr_weight_adds_one_before_clipping(ds256):
-    from posedata.train.diffusion import NoisedBatch
     from diffusers.training_utils import compute_snr
+
+    from posedata.train.diffusion import NoisedBatch
 
     plugin = ImagPosePlugin(Dataset(str(ds256)).card, weights="tiny")
     t = torch.tensor([0, 400, 999])
@@ -229,7 +230,7 @@ def test_collate_builds_the_ilc_canvas_with_one_to_three_targets(ds256):
         batch = plugin.collate(groups, torch.Generator().manual_seed(seed))
         assert batch["latent_mean"].shape == batch["masked_mean"].shape == (3, 4, 2 * hp, 2 * wp)
         assert batch["mask"].shape == batch["loss_mask"].shape == (3, 1, 2 * hp, 2 * wp)
-        assert batch["pose"].shape == (3, 3, 16 * hp, 16 * wp) and 0 <= float(batch["pose"].min()) and float(batch["pose"].max()) <= 1
+        assert batch["pose"].shape == (3, 3, 16 * hp, 16 * wp) and float(batch["pose"].min()) >= 0 and float(batch["pose"].max()) <= 1
         assert batch["reference_mean"].shape == (3, 4, h, w)
         known = from_canvas(batch["mask"])[:, :, 0, 0, 0]  # [B, 4] per-tile flag
         flags_seen |= {int(k.sum()) for k in known}

@@ -54,7 +54,6 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image, ImageEnhance, ImageOps
-
 from process_support import session_processes, signal_session
 
 from posedata.cli import main as cli_main

@@ -5,7 +5,6 @@ loading path (conv_in widened), the paper-size model on the meta device, and sam
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -17,9 +16,9 @@ from posedata.extractors.vae import TINY_CONFIG as TINY_VAE
 from posedata.reader import Dataset, PairStream
 from posedata.render import draw_openpose
 from posedata.train import plugin_class
-from posedata.train.unet import BASE_MODELS, SD21_UNET_CONFIG
 from posedata.train.pcdm_inpaint import PcdmInpaintModel, PcdmInpaintPlugin
 from posedata.train.run import load_null_embeddings
+from posedata.train.unet import BASE_MODELS, SD21_UNET_CONFIG
 
 H, W, D = 64, 48, 32  # stored resolution; tiny CLIP / DINOv2 widths
 h, w = H // 8, W // 8

@@ -5,7 +5,6 @@ tests/test_plugin_contract.py)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -16,9 +15,9 @@ from posedata.cli import main as cli_main
 from posedata.extractors.vae import TINY_CONFIG as TINY_VAE
 from posedata.reader import Dataset, PairStream
 from posedata.train import plugin_class
-from posedata.train.unet import BASE_MODELS, SD21_UNET_CONFIG
 from posedata.train.pcdm_refine import PcdmRefineModel, PcdmRefinePlugin
 from posedata.train.run import load_null_embeddings
+from posedata.train.unet import BASE_MODELS, SD21_UNET_CONFIG
 
 H, W, D = 64, 48, 32
 h, w = H // 8, W // 8

@@ -212,7 +212,7 @@ def test_draw_cfld_layout():
     kp = pose(neck=(20, 50), r_shoulder=(80, 50))
     out = draw_cfld(kp, 100, 100)
     assert out.shape == (CFLD_CHANNELS, 100, 100) == (21, 100, 100) and out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
     rgb = out[:3]
     assert np.allclose(rgb[:, 50, 50] * 255, (153, 0, 0))  # bone colour at the line's middle
     assert np.allclose(rgb[:, 50, 20] * 255, OPENPOSE_COLORS[NECK])  # joint disc

@@ -251,8 +251,8 @@ def test_gradient_checkpointing_and_sdpa(tmp_path):
         AttnProcessor2_0,
     )
 
-    from posedata.train.unet import BASE_MODELS
     from posedata.train.trainer import configure_model
+    from posedata.train.unet import BASE_MODELS
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(BASE_MODELS["sd21"].tiny_unet_config)

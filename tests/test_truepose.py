@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import UNet2DConditionModel
+from test_pcdm_inpaint import H, W, with_keypoints  # the same fixture size; random drawable poses
 
 from posedata.cli import main as cli_main
 from posedata.extractors.parsing import ATR_LABELS, NUM_LABELS
@@ -22,7 +23,6 @@ from posedata.train import plugin_class
 from posedata.train.run import run_training
 from posedata.train.truepose import TruePoseModel, TruePosePlugin, transformer_blocks
 from posedata.train.unet import SD15_UNET_CONFIG, tiny_unet_config
-from test_pcdm_inpaint import H, W, with_keypoints  # the same fixture size; random drawable poses
 
 h, w = H // 8, W // 8
 SD15_UNET_PARAMS = 859_520_964  # stable-diffusion-v1-5 unet
@@ -71,7 +71,7 @@ def test_collate_layout_regions_and_selection(data):
     plugin = make_plugin(data, drop_prob=0.0)
     batch = plugin.collate(pairs[:3], torch.Generator().manual_seed(0))
     assert batch["latent_mean"].shape == batch["source_mean"].shape == (3, 4, h, w)
-    assert batch["pose"].shape == (3, 3, H, W) and 0 <= batch["pose"].min() and batch["pose"].max() <= 1
+    assert batch["pose"].shape == (3, 3, H, W) and batch["pose"].min() >= 0 and batch["pose"].max() <= 1
     assert batch["labels"].shape == (3, H, W) and batch["labels"].dtype == torch.uint8
     assert batch["region_tokens"].shape == (3, NUM_LABELS, plugin.region_dim) and batch["keep"].all()
     source = pairs[0]["source"]

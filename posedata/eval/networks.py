@@ -14,8 +14,8 @@ import contextlib
 import hashlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 from unittest import mock
 
 import numpy as np

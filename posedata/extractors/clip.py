@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 
 from posedata.extractors.base import (
-    checked_image,
-    stored_dtype_label,
     OutputSpec,
     Sample,
+    checked_image,
     numpy_store_dtype,
+    stored_dtype_label,
     torch_dtype,
 )
 from posedata.extractors.hf import COMPUTE_DTYPE_POLICY, HFEncoderExtractor

@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import checked_image, NOTES, Extractor, ExtractorError, OutputSpec, Sample, numpy_store_dtype, stored_dtype_label
+from posedata.extractors.base import (
+    NOTES,
+    Extractor,
+    ExtractorError,
+    OutputSpec,
+    Sample,
+    checked_image,
+    numpy_store_dtype,
+    stored_dtype_label,
+)
 from posedata.extractors.clip import PROCESSOR_DEFAULTS, SQUARE_SIZE, ClipExtractor
 
 CROP_RULES = ("resize", "pad")

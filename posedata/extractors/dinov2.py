@@ -34,11 +34,10 @@ import os
 import types
 from typing import Any, ClassVar
 
-
 from posedata.extractors.base import (
-    stored_dtype_label,
     OutputSpec,
     resolve_preset,
+    stored_dtype_label,
 )
 from posedata.extractors.clip import (
     PROCESSOR_DEFAULTS,

@@ -69,16 +69,16 @@ from typing import Any
 import numpy as np
 
 from posedata.extractors.base import (
-    checked_image,
-    file_digest,
-    stored_dtype_label,
     FEW_JOINTS,
     NOTES,
     Extractor,
     ExtractorError,
     OutputSpec,
     Sample,
+    checked_image,
+    file_digest,
     numpy_store_dtype,
+    stored_dtype_label,
 )
 from posedata.render import (
     COCO18_NAMES,

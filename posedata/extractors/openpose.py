@@ -36,15 +36,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from posedata.extractors.base import checked_image, file_digest, FEW_JOINTS, NOTES, Extractor, OutputSpec, Sample
+from posedata.extractors.base import FEW_JOINTS, NOTES, Extractor, OutputSpec, Sample, checked_image, file_digest
 from posedata.render import (
     COCO18_NAMES,
     HAND_EDGES,
     HAND_JOINT_RADIUS,
     HAND_LINE_THICKNESS,
-    NUM_HAND_JOINTS,
     JOINT_RADIUS,
     LIMB_DIM,
+    NUM_HAND_JOINTS,
     NUM_JOINTS,
     OPENPOSE_PAF_LIMBS,
     STICK_WIDTH,

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from posedata.extractors.base import checked_image, NOTES, OutputSpec, Sample
+from posedata.extractors.base import NOTES, OutputSpec, Sample, checked_image
 from posedata.extractors.hf import HFEncoderExtractor
 
 # Our label ids (index) and names: SCHP's ATR list, lower-cased.

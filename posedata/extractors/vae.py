@@ -49,14 +49,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from posedata.extractors.base import (
-    checked_image,
-    stored_dtype_label,
     Extractor,
     ExtractorError,
     OutputSpec,
     Sample,
+    checked_image,
     numpy_store_dtype,
     resolve_preset,
+    stored_dtype_label,
     torch_dtype,
 )
 from posedata.extractors.hf import seeded

@@ -42,7 +42,7 @@ EXPECTED_LAYOUT = "expected a folder holding photos (any format Pillow reads: JP
 
 def group_fraction(group: str, seed: int = 0) -> float:
     """Where a group falls in [0, 1): the first 8 bytes of sha1(f"{seed}:{group}")."""
-    digest = hashlib.sha1(f"{seed}:{group}".encode("utf-8")).digest()
+    digest = hashlib.sha1(f"{seed}:{group}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 

@@ -153,9 +153,7 @@ class Objective:
             if self.min_snr_variant == "plus_one" and self.prediction_type == "v_prediction":
                 snr = snr + 1
             clipped = torch.minimum(snr, torch.full_like(snr, self.min_snr_gamma))
-            if self.min_snr_variant == "plus_one":
-                weight = clipped / snr.clamp_min(1e-8)
-            elif self.prediction_type == "epsilon":
+            if self.min_snr_variant == "plus_one" or self.prediction_type == "epsilon":
                 weight = clipped / snr.clamp_min(1e-8)
             elif self.prediction_type == "v_prediction":
                 weight = clipped / (snr + 1)

@@ -116,7 +116,7 @@ def sample_imagpose(
         with torch.no_grad():
             latents = plugin.sample_canvases(model, canvases, generator=generator, **chosen.as_kwargs())
             images = decode_to_uint8(vae, latents)  # whole canvases [B, 2Hp, 2Wp, 3]
-        for (sources, targets), (tiles, flags), image in zip(batch, canvases, images):
+        for (sources, _targets), (tiles, flags), image in zip(batch, canvases, images):
             written: set[str] = set()
             for tile, (sample, known) in enumerate(zip(tiles, flags)):
                 if known or sample["__key__"] in written:  # t1: the target three times, keep the first

@@ -34,7 +34,13 @@ from torch import nn
 from posedata.train.config import PluginOption, Preset, SampleSettings, TrainConfig
 from posedata.train.diffusion import denoise, sample_latent
 from posedata.train.plugin import feature_card, output_shape, stack
-from posedata.train.reposedm_guidance import GUIDANCE_LATENTS, PoseInteractionField, alpha_bar, guidance_term, interaction_field
+from posedata.train.reposedm_guidance import (
+    GUIDANCE_LATENTS,
+    PoseInteractionField,
+    alpha_bar,
+    guidance_term,
+    interaction_field,
+)
 from posedata.train.reposedm_rpa import RHWF_KERNELS, RecurrentPoseAlignment, latent_encoder
 from posedata.train.reposedm_vlb import GaussianPosterior, vlb_loss
 from posedata.train.unet import PluginModel, UNetPlugin, model_dtype, widen_conv_in
