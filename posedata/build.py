@@ -5,7 +5,7 @@ The steps (decode, extract, write a shard) are plain functions over lists of row
 handed as a `pipeline.Job` to one of two executors: Ray Data (the default; an embedded local
 Ray, or `--address` for a cluster) or a sequential in-process one (`--executor local`).
 
-A build is a set of shard tasks (DESIGN.md §6): a shard whose done marker exists is
+A build is a set of shard tasks (docs/design.md §6): a shard whose done marker exists is
 skipped, so rerunning the same command after a crash finishes the job.
 """
 

@@ -1,4 +1,4 @@
-"""Where everything lives inside a dataset (DESIGN.md §3), on any fsspec filesystem.
+"""Where everything lives inside a dataset (docs/design.md §3), on any fsspec filesystem.
 
 Format 2 (this version) keeps only shards in the folders users point tools at (`shards/`,
 `features/<name>@<fp>/`: Ray Data and HF `datasets` read every file of a folder as a shard);

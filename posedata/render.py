@@ -27,7 +27,7 @@ import math
 import cv2
 import numpy as np
 
-# OpenPose COCO-18 body order (the order of the body_pose_model heatmap channels). DESIGN.md §4
+# OpenPose COCO-18 body order (the order of the body_pose_model heatmap channels). docs/design.md §4
 # lists the eyes/ears as "Leye, Reye, Lear, Rear"; OpenPose's own order is right-before-left
 # (14 Reye, 15 Leye, 16 Rear, 17 Lear): the limb list below links nose->14->16 on one side and
 # shoulder 2 (Rsho) <-> 16 (Rear) in the association-only limbs, which fixes 16 as the right ear.

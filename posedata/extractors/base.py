@@ -55,7 +55,7 @@ class Sample(dict):
 
 
 def fingerprint(payload: dict[str, Any]) -> str:
-    """First 12 hex digits of sha256 over canonical JSON (DESIGN.md §4)."""
+    """First 12 hex digits of sha256 over canonical JSON (docs/design.md §4)."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 

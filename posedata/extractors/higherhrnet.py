@@ -2,7 +2,7 @@
 
 RePoseDM (Khandelwal, "RePoseDM: Recurrent Pose Alignment and Gradient Guidance for Pose
 Guided Image Synthesis", arXiv 2310.16074) uses a bottom-up HigherHRNet-W32 trained on COCO as
-its pose estimator (DESIGN.md §4); its pose-alignment loss compares the estimator's backbone
+its pose estimator (docs/design.md §4); its pose-alignment loss compares the estimator's backbone
 features of the generated pose map with those of the target pose, so the target side is
 computed once here.
 

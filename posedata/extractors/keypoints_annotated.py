@@ -28,7 +28,7 @@ import numpy as np
 
 from posedata.extractors.base import NOTES, Extractor, ExtractorError, OutputSpec, Sample
 
-NUM_JOINTS = 18  # COCO-18 (OpenPose body) order, as DESIGN.md §4
+NUM_JOINTS = 18  # COCO-18 (OpenPose body) order, as docs/design.md §4
 
 
 class AnnotatedKeypoints(Extractor):

@@ -27,7 +27,7 @@ from posedata.sources.base import SourceError
 # whether it is an image): only which file keeps a key when two differ only by extension.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"})
 
-# OpenPose / COCO-18 order (DESIGN.md §4); every keypoint list a source stores has this length.
+# OpenPose / COCO-18 order (docs/design.md §4); every keypoint list a source stores has this length.
 KEYPOINT_COUNT = 18
 
 
