@@ -77,7 +77,7 @@ from posedata.extractors import (
     dependency_order,
     extractor_class,
 )
-from posedata.extractors.base import Sample
+from posedata.extractors.base import WEIGHTS_MODES, Sample
 from posedata.images import decode_jpeg_rgb
 from posedata.pipeline import Job, micro_batches
 from posedata.shards import decode_output, encode_output
@@ -368,7 +368,7 @@ def main() -> None:
         default=",".join(DEFAULT_FEATURES),
         help="features measured one by one (plus all of them together); default: every default feature",
     )
-    parser.add_argument("--weights", default="tiny", choices=("tiny", "random", "pretrained"))
+    parser.add_argument("--weights", default="tiny", choices=WEIGHTS_MODES)
     parser.add_argument(
         "--device",
         default="cpu",

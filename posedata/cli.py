@@ -12,6 +12,7 @@ import click
 
 from posedata.extractors import MODEL_PRESETS
 from posedata.extractors.base import WEIGHTS_MODES
+from posedata.storage import STORAGE_DTYPES
 
 STORAGE_OPTIONS_HELP = "JSON dict passed to fsspec for --out/--shards URLs, e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (the usual AWS_* env vars work too)."
 
@@ -117,7 +118,7 @@ def build_options(fn):
         click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)), default=None, help="The features one model family needs (instead of --features)."),
         click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True, help="pretrained: real weights from hub ids / local dirs; random: full-size random init (benchmarks); tiny: tiny random models (tests, CPU)."),
         click.option("--model", "models", multiple=True, help="FEATURE=HUB_ID_OR_DIR: override a feature's pretrained model, e.g. clip=/models/clip-vit-h."),
-        click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default="fp16", show_default=True, help="Storage dtype of embeddings and latents (fp8: e4m3 with a per-tensor scale)."),
+        click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default="fp16", show_default=True, help="Storage dtype of embeddings and latents (fp8: e4m3 with a per-tensor scale)."),
         click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True, help="Target samples per shard (groups are never split)."),
         click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True, help="ray: Ray job (embedded local Ray, or --address); local: one process, for debugging."),
         click.option("--address", default=None, help="Join a running Ray cluster (e.g. auto or ray://head:10001)."),
@@ -213,7 +214,7 @@ def build_folder(group_regex, test_fraction, split_seed, **kw) -> None:
 @click.option("--preset", type=click.Choice(sorted(MODEL_PRESETS)), default=None, help="Add what one model family needs.")
 @click.option("--weights", type=click.Choice(WEIGHTS_MODES), default="pretrained", show_default=True)
 @click.option("--model", "models", multiple=True, help="FEATURE=HUB_ID_OR_DIR: override a feature's pretrained model.")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp8", "fp32"]), default=None, help="Storage dtype (default: the dataset's).")
+@click.option("--dtype", type=click.Choice(STORAGE_DTYPES), default=None, help="Storage dtype (default: the dataset's).")
 @click.option("--executor", type=click.Choice(["ray", "local"]), default="ray", show_default=True)
 @click.option("--address", default=None, help="Join a running Ray cluster.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Ray workers, each holding every new model: per GPU with GPUs, in all on CPU (default 1).")
