@@ -185,7 +185,7 @@ class DeepFashionTree:
         photo(A[4])
         # Listed, but no file.
         self.missing = C[2]
-        (img / "notes.txt").write_text("not an input\n")
+        (img / "notes.txt").write_text("an input like any file: rejected by its name\n")
 
         self.train = [A[0], A[1], A[2], A[3], B[0], B[1], B[2], B[3], B[4], C[0], C[1], C[2], E[0], E[1]]
         self.test = [D[0], D[1], D[2]]
@@ -206,9 +206,9 @@ class DeepFashionTree:
                 f.write(f"{name}:{json.dumps(ys)}:{json.dumps(KEYPOINT_XS)}\n")
 
     def inputs(self) -> int:
-        """Every image file in the tree plus every listed name without a file."""
+        """Every file in the image tree plus every listed name without a file."""
         img = self.root / "img_highres"
-        files = [p for p in img.rglob("*") if p.is_file() and p.suffix == ".jpg"]
+        files = [p for p in img.rglob("*") if p.is_file()]
         listed = [n for lst in ("train.lst", "test.lst") for n in (self.root / lst).read_text().split()]
         missing = [n for n in listed if not (img / unflatten_name(n)).exists()]
         assert missing == [self.missing]
@@ -378,10 +378,10 @@ def test_every_default_feature_reads_back_with_its_documented_shape_and_dtype(da
 
 def test_every_input_is_in_the_manifest_or_in_rejects_with_a_reason(dataset, tree):
     manifest, rejects = manifest_of(dataset), rejects_of(dataset)
-    assert tree.inputs() == 18
+    assert tree.inputs() == 19
     assert len(manifest) + len(rejects) == tree.inputs()
     card = json.loads((dataset / "dataset.json").read_text())
-    assert card["counts"] == {"inputs": 18, "written": len(manifest), "rejected": len(rejects)}
+    assert card["counts"] == {"inputs": 19, "written": len(manifest), "rejected": len(rejects)}
 
     img = tree.root / "img_highres"
     reason_of = dict(zip(rejects["source_path"], rejects["reason"]))
@@ -393,7 +393,9 @@ def test_every_input_is_in_the_manifest_or_in_rejects_with_a_reason(dataset, tre
     unlisted = str((img / unflatten_name(tree.unlisted)).relative_to(tree.root))
     assert "not listed" in reason_of[unlisted] and stage_of[unlisted] == "scan"
     assert "file not found" in reason_of[tree.missing] and stage_of[tree.missing] == "scan"
-    assert set(rejects["key"]) == {key_of(n) for n in [*tree.broken, tree.unlisted, tree.missing]}
+    notes = str((img / "notes.txt").relative_to(tree.root))
+    assert "not a DeepFashion image name" in reason_of[notes] and stage_of[notes] == "scan"  # every file is an input
+    assert set(rejects["key"]) == {key_of(n) for n in [*tree.broken, tree.unlisted, tree.missing]} | {"notes"}
 
     assert sorted(manifest["key"]) == sorted(key_of(n) for n in tree.good)
     for name in tree.odd.values():  # CMYK, 16-bit, RGBA, EXIF-rotated: all accepted
@@ -526,7 +528,7 @@ def test_inspect_and_show(dataset, tmp_path):
     result = invoke("inspect", str(dataset))
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "inputs 18  written 12  rejected 6" in text
+    assert "inputs 19  written 12  rejected 7" in text
     assert "train" in text and "test" in text
     for name in ("openpose", "clip", "keypoints_annotated"):
         assert feature_folder(dataset, name).name in text
