@@ -92,8 +92,9 @@ FOLDER_TERMS = {
 def write_wids_indexes(location: DatasetLocation, card: dict[str, Any], shard_samples: dict[str, int], folders: list[str | None]) -> list[str]:
     """One wids index per folder (None: the base shards) and split of `card`, with each
     shard's sample count from `shard_samples` and its size; returns the paths written."""
+    # no "name": wids names a dataset by its URL, and the file stays the same wherever the
+    # dataset is copied (a bucket and a local build write the same bytes)
     written = []
-    name = card.get("name") or posixpath.basename(location.root)
     for folder in folders:
         for split, info in card["splits"].items():
             shards = list(info.get("shards") or [])
@@ -104,7 +105,7 @@ def write_wids_indexes(location: DatasetLocation, card: dict[str, Any], shard_sa
             for shard in shards:
                 path = location.base_shard(shard) if folder is None else location.sidecar(folder, shard)
                 shardlist.append({"url": posixpath.relpath(path, posixpath.dirname(index)), "nsamples": int(shard_samples.get(shard, 0)), "filesize": location.size(path)})
-            location.write_json(index, {"__kind__": WIDS_KIND, "wids_version": 1, "name": f"{name}/{folder or 'shards'}/{split}", "shardlist": shardlist})
+            location.write_json(index, {"__kind__": WIDS_KIND, "wids_version": 1, "shardlist": shardlist})
             written.append(index)
     return written
 
