@@ -22,6 +22,7 @@ from posedata.cli import main as cli
 from posedata.reader import Dataset
 from posedata.train import REGISTRY, plugin_class
 from posedata.train.run import run_training
+from posedata.train.sample import trained_with
 from posedata.train.trainer import load_model_weights
 
 RES = "128x96"  # latents 16 x 12: room for every plugin's tiny model
@@ -91,7 +92,8 @@ def test_a_checkpoint_loads_back(trained):
     ckpt = full / f"checkpoint-{STEPS}"
     saved = load_model_weights(ckpt / "model")
     card = Dataset(str(dataset)).card
-    plugin = plugin_class(name)(card, weights="pretrained", model=str(ckpt))
+    plugin = plugin_class(name)(card, weights="pretrained", model=str(ckpt), **trained_with(str(ckpt)))
+    assert plugin.preset_name == "tiny"  # the run's preset, from its config.json
     model = plugin.build_model()
     direct = type(model).from_pretrained(ckpt / "model")
     for loaded in (model, direct):

@@ -24,6 +24,7 @@ sees). `recipe`: "official" (each stage as the official test scripts run it) or 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -60,6 +61,19 @@ def latest_model(run: str) -> str:
     if path.exists():
         return str(path)
     raise FileNotFoundError(f"{run}: no run directory or checkpoint here")
+
+
+def trained_with(model: str) -> dict[str, Any]:
+    """The preset and plugin options a checkpoint's run was trained with (the run's
+    config.json, beside the checkpoint or in the run directory), so a run trained with the
+    tiny preset is rebuilt with it; {} when there is no run config (a bare model folder)."""
+    path = Path(model)
+    for folder in (path, path.parent):
+        config = folder / "config.json"
+        if (folder / "summary.json").is_file() or (config.is_file() and "plugin" in json.loads(config.read_text())):
+            recorded = json.loads(config.read_text())
+            return {"preset": recorded.get("preset"), **(recorded.get("plugin_options") or {})}
+    return {}
 
 
 def ordered_pairs(dataset: Dataset, split: str, needs, limit: int) -> tuple[list[dict[str, Any]], int]:
@@ -114,7 +128,9 @@ def dataset_vae(dataset: Dataset, need: str, device: str):
 
 def load_stage(dataset: Dataset, name: str, run: str, device: str) -> tuple[Plugin, torch.nn.Module]:
     """A plugin and its trained model (newest checkpoint of `run`), in eval mode."""
-    plugin = plugin_class(name)(dataset.card, weights="pretrained", model=latest_model(run))
+    model, cls = latest_model(run), plugin_class(name)
+    known = {"preset", *(o.name for o in cls.train_options)}
+    plugin = cls(dataset.card, weights="pretrained", model=model, **{k: v for k, v in trained_with(model).items() if k in known})
     plugin.set_null_embeddings(load_null_embeddings(dataset, plugin))
     return plugin, plugin.build_model().to(device).eval()
 
