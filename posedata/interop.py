@@ -33,6 +33,7 @@ log = logging.getLogger("posedata.interop")
 
 BASE_CONFIG = "base"
 GENERATED_MARK = "<!-- written by posedata from dataset.json; posedata rewrites this file when the dataset changes -->"
+KEEP_HINT = "<!-- to edit this card by hand, delete the line above: posedata then leaves README.md as it is -->"
 WIDS_KIND = "wids-shard-index-v1"
 
 # What a user of each source must respect, and how to cite it. The photos keep their own
@@ -81,7 +82,10 @@ SOURCE_TERMS: dict[str, dict[str, str]] = {
 FOLDER_TERMS = {
     "title": "a folder of photos",
     "license": "unknown",
-    "terms": "The photos come from a folder the builder named; their own license and the consent of the people shown apply. Fill this in before sharing the dataset.",
+    "terms": (
+        "The photos come from a folder the builder named; their own license and the consent of the people shown apply. "
+        "Say which before sharing the dataset (edit this card as the comment at its top says)."
+    ),
     "citation": "",
 }
 
@@ -155,7 +159,7 @@ def render_hub_card(card: dict[str, Any]) -> str:
         configs=hub_configs(card),
         **metadata,
     )
-    return f"---\n{data.to_yaml()}\n---\n{GENERATED_MARK}\n\n{_body(card, terms)}"
+    return f"---\n{data.to_yaml()}\n---\n{GENERATED_MARK}\n{KEEP_HINT}\n\n{_body(card, terms)}"
 
 
 def write_hub_card(location: DatasetLocation, card: dict[str, Any]) -> bool:

@@ -297,3 +297,20 @@ def test_the_dataset_card_names_every_folder_and_the_terms(root):
         assert f"- config_name: {name}\n" in front, name
     assert "default: true" in front and "license: unknown" in front
     assert FP8_DECODE in text and BF16_DECODE in text and "__key__" in text
+
+
+def test_the_card_is_rewritten_unless_the_user_took_it_over(root, tmp_path):
+    from posedata.interop import GENERATED_MARK, render_hub_card, write_hub_card
+    from posedata.layout import DatasetLocation
+
+    copy = Path(shutil.copytree(root, tmp_path / "ds"))
+    location = DatasetLocation(str(copy))
+    card = json.loads((copy / "dataset.json").read_text())
+    assert write_hub_card(location, card) and GENERATED_MARK in (copy / "README.md").read_text()
+    (copy / "README.md").write_text("# our card\n")  # the user's own: left alone
+    assert not write_hub_card(location, card)
+    assert (copy / "README.md").read_text() == "# our card\n"
+    # DeepFashion's terms and citation for a DeepFashion build
+    text = render_hub_card({**card, "source": {**card["source"], "name": "deepfashion"}})
+    assert "license: other" in text and "license_name: deepfashion-research-only" in text
+    assert "non-commercial research" in text and "@inproceedings{liu2016deepfashion" in text
