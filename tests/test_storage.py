@@ -185,3 +185,78 @@ def test_bytes_per_value_and_bad_names():
         encode_float(np.ones(2), "int8")
     with pytest.raises(ValueError, match="bf16_layout"):
         bytes_per_value("bf16", bf16_layout="packed")
+
+
+# ---- format 2: plain-numeric members ---------------------------------------------------------
+
+from posedata.storage import (  # noqa: E402
+    BF16_DECODE,
+    FP8_DECODE,
+    card_output,
+    decode_output_members,
+    encode_members,
+    member_nbytes,
+    output_members,
+    output_names,
+)
+
+
+def one_liner(code: str, **arrays) -> np.ndarray:
+    """Run a documented decode as a user would: numpy only, the members' arrays by name."""
+    names = {"np": np, **arrays}
+    exec(code, names)
+    return names["x"]
+
+
+def test_fp8_members_are_plain_numbers_and_the_one_liner_decodes_them_exactly():
+    x = np.random.default_rng(3).normal(size=(4, 8, 6)).astype(np.float32) * 7
+    members = {m: npy_round_trip(a) for m, a in encode_members("mean.npy", x, "float8_e4m3fn").items()}
+    assert {m: (a.dtype, a.shape) for m, a in members.items()} == {"mean.e4m3.npy": (np.uint8, (4, 8, 6)), "mean.scale.npy": (np.float32, (1,))}
+    decoded = decode_output_members("mean.npy", members)
+    assert decoded.dtype == np.float32
+    # the same bits and scale as format 1's packed array, so the same values
+    assert np.array_equal(decoded, decode_float(encode_float(x, "fp8")))
+    assert np.array_equal(one_liner(FP8_DECODE, bits=members["mean.e4m3.npy"], scale=members["mean.scale.npy"]), decoded)
+    # every bit pattern but NaN (never written), sign of zero included
+    bits = np.arange(256, dtype=np.uint8)[(np.arange(256) & 0x7F) != 0x7F]
+    by_hand = one_liner(FP8_DECODE, bits=bits, scale=np.ones(1, dtype=np.float32))
+    assert np.array_equal(by_hand, FP8_E4M3_TABLE[bits]) and np.array_equal(np.signbit(by_hand), np.signbit(FP8_E4M3_TABLE[bits]))
+    # tools that widen the bits (HF datasets' numpy format gives int64) decode the same
+    assert np.array_equal(one_liner(FP8_DECODE, bits=members["mean.e4m3.npy"].astype(np.int64), scale=members["mean.scale.npy"].astype(np.float64)), decoded)
+
+
+def test_bf16_member_is_uint16_bits_and_the_one_liner_decodes_it():
+    x = np.random.default_rng(4).normal(size=(257, 16)).astype(np.float32)
+    (name, bits), = encode_members("tokens.npy", x, "bfloat16").items()
+    assert name == "tokens.bf16.npy" and bits.dtype == np.uint16
+    expected = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(decode_output_members("tokens.npy", {name: npy_round_trip(bits)}), expected)
+    assert np.array_equal(one_liner(BF16_DECODE, bits=bits), expected)
+
+
+def test_outputs_are_found_by_member_name_whatever_the_dtype():
+    present = ["embeds.e4m3.npy", "embeds.scale.npy", "tokens.bf16.npy", "keypoints.npy", "skeleton.png"]
+    assert output_members("embeds.npy", present) == ["embeds.e4m3.npy", "embeds.scale.npy"]
+    assert output_members("tokens.npy", present) == ["tokens.bf16.npy"]
+    assert output_members("keypoints.npy", present) == ["keypoints.npy"]
+    assert output_members("mean.npy", present) is None
+    assert output_names(present) == ["embeds.npy", "tokens.npy", "keypoints.npy", "skeleton.png"]
+    with pytest.raises(ValueError, match="embeds.scale.npy"):
+        decode_output_members("embeds.npy", {"embeds.e4m3.npy": np.zeros(4, dtype=np.uint8)})
+
+
+def test_the_card_lists_the_members_with_their_real_dtypes():
+    assert card_output("keypoints.npy", "float32", (18, 3)) == {"dtype": "float32", "shape": [18, 3], "description": ""}
+    entry = card_output("embeds.npy", "float8_e4m3fn", (1024,), "CLIP")
+    assert entry["dtype"] == "float32" and entry["precision"] == "float8_e4m3fn" and entry["decode"] == FP8_DECODE
+    assert {m: d["dtype"] for m, d in entry["members"].items()} == {"embeds.e4m3.npy": "uint8", "embeds.scale.npy": "float32"}
+    assert {m: d["dtype"] for m, d in card_output("embeds.npy", "bfloat16", (1024,))["members"].items()} == {"embeds.bf16.npy": "uint16"}
+
+
+@pytest.mark.parametrize("dtype", STORAGE_DTYPES)
+def test_member_sizes_from_the_shape_equal_np_save(dtype):
+    from posedata.extractors.base import numpy_store_dtype, stored_dtype_label
+
+    x = np.ones((4, 8, 6), dtype=numpy_store_dtype(dtype))
+    saved = [len(npy_bytes(a)) for a in encode_members("mean.npy", x, stored_dtype_label(dtype)).values()]
+    assert saved == member_nbytes(x.shape, dtype)
