@@ -314,3 +314,10 @@ def test_the_card_is_rewritten_unless_the_user_took_it_over(root, tmp_path):
     text = render_hub_card({**card, "source": {**card["source"], "name": "deepfashion"}})
     assert "license: other" in text and "license_name: deepfashion-research-only" in text
     assert "non-commercial research" in text and "@inproceedings{liu2016deepfashion" in text
+
+
+def test_the_readme_gives_the_same_one_liners():
+    from conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    assert FP8_DECODE in text and BF16_DECODE in text
