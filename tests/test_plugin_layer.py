@@ -13,7 +13,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 
-from posedata.train.config import SampleSettings, TrainConfig
+from posedata.train.config import Preset, SampleSettings, TrainConfig
 from posedata.train.diffusion import Objective, decode_to_uint8, denoise, drop_conditions, guide, sample_latent
 from posedata.train.unet import (
     BASE_MODELS,
@@ -268,3 +268,31 @@ def test_decode_to_uint8():
         scaled = decode_to_uint8(vae, latents * vae.config.scaling_factor, scaled=True)
     assert images.dtype.name == "uint8" and images.shape[0] == 2 and images.shape[-1] == 3
     assert abs(images.astype(int) - scaled.astype(int)).max() <= 1
+
+
+def test_unet_plugin_reads_the_base_models_vae_and_flipped_posteriors():
+    from posedata.train.unet import UNetPlugin
+
+    class Minimal(UNetPlugin):
+        name = "minimal"
+        needs = ("vae:sd15",)
+        presets = {"paper": Preset(), "tiny": Preset()}
+        min_snr_gamma = 5.0
+        scheduler_changes = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+
+    card = {"resolution": [64, 48], "features": {"vae@x": {"name": "vae", "preset": "sd15", "scaling_factor": 0.18215,
+                                                            "outputs": {"mean.npy": {"shape": [4, 8, 6]}}}}}
+    plugin = Minimal(card, weights="tiny")
+    assert plugin.vae_need == "vae:sd15" and plugin.latent_shape == (4, 8, 6) and plugin.scaling_factor == 0.18215
+    assert plugin.objective.prediction_type == "v_prediction" and plugin.objective.min_snr_gamma == 5.0
+    assert float(plugin.noise_scheduler.alphas_cumprod[-1]) == pytest.approx(0.0, abs=1e-10)
+    sample = {"__key__": "k", "vae.mean": torch.zeros(4, 8, 6).numpy(), "vae.std": torch.ones(4, 8, 6).numpy(),
+              "vae.mean_flip": torch.full((4, 8, 6), 2.0).numpy(), "vae.std_flip": torch.full((4, 8, 6), 3.0).numpy()}
+    mean, std = plugin.posterior(sample)
+    assert (mean == 0).all() and (std == 1).all()
+    mean, std = plugin.posterior(sample, flipped=True)
+    assert (mean == 2).all() and (std == 3).all()
+    with pytest.raises(ValueError, match="--flip"):
+        plugin.posterior({k: v for k, v in sample.items() if "flip" not in k}, flipped=True)
+    with pytest.raises(ValueError, match="vae:sd15"):
+        Minimal({"resolution": [64, 48], "features": {}}, weights="tiny")
