@@ -45,6 +45,7 @@ from posedata.train.imagpose_model import (
     IN_CHANNELS,
     MOTION_ADAPTER,
     TILES,
+    TOKENIZER_KERNEL,
     ImagPoseModel,
     from_canvas,
     motion_adapter_config,
@@ -82,7 +83,7 @@ TINY_UNET = {"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossA
 PAPER_TRAIN = TrainConfig(learning_rate=5e-5, weight_decay=1e-2, warmup_steps=0, lr_schedule="constant", max_grad_norm=1.0, batch_size=2,
                           max_steps=50_000)
 STAGE_TRAIN: dict[int, dict[str, Any]] = {1: {}, 2: {"batch_size": 4, "max_steps": 200_000}, 3: {"learning_rate": 1e-6, "batch_size": 1}}
-TINY_TRAIN = PAPER_TRAIN.replace(learning_rate=1e-3, batch_size=2, max_steps=40, checkpoint_every=20, lr_schedule="constant")
+TINY_TRAIN = PAPER_TRAIN.replace(learning_rate=1e-3, batch_size=4, max_steps=40, checkpoint_every=20, lr_schedule="constant")
 TINY_STAGE_TRAIN: dict[int, dict[str, Any]] = {1: {}, 2: {}, 3: {"learning_rate": 2e-5}}  # stage 3 at 1/50 of stage 1, as official
 
 
@@ -109,7 +110,8 @@ class ImagPosePlugin(UNetPlugin):
     needs: ClassVar[tuple] = ("vae:sd15", ("dinov2:base", "dinov2:giant"), POSE_NEED)
     presets = {
         "paper": Preset(model={"pose_block_out_channels": PAPER_POSE_CHANNELS}, train=PAPER_TRAIN),
-        "tiny": Preset(model={"pose_block_out_channels": TINY_POSE_CHANNELS, "cva_heads": 1}, train=TINY_TRAIN),
+        # tiny: a 4 x 4 tokenizer, so that tiles from 32 px up still give VAE tokens
+        "tiny": Preset(model={"pose_block_out_channels": TINY_POSE_CHANNELS, "cva_heads": 1, "tokenizer_kernel": 4}, train=TINY_TRAIN),
     }
     sample_recipes = {
         "official": SampleSettings(num_inference_steps=30, guidance_scale=2.0, scheduler="ddim", uncond="zeros"),
@@ -140,6 +142,10 @@ class ImagPosePlugin(UNetPlugin):
         self.token_shape = tuple(output_shape(card, self.dinov2_need, "tokens.npy", self.name))
         self.unet_config = self.base.unet(self.weights, **self.unet_overrides())
         _, h, w = self.latent_shape
+        kernel = self.preset.model.get("tokenizer_kernel", TOKENIZER_KERNEL)
+        if min(h, w) < kernel:
+            raise ValueError(f"{self.name}: a {self.height}x{self.width} tile has {h}x{w} latents, fewer than the FLC tokenizer's {kernel}x{kernel} "
+                             f"kernel (no VAE tokens); build the dataset at a larger --res (the paper: 256x176 or 512x352)")
         self.factor = self.height // h
         multiple = pad_multiple(self.unet_config)
         self.tile_latent = (padded(h, multiple), padded(w, multiple))  # padded tile, latent pixels
