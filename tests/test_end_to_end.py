@@ -567,7 +567,7 @@ def test_512x352_build_rescales_the_annotated_keypoints(tree, tmp_path):
                 np.testing.assert_allclose(array, expected)
                 seen += 1
     assert seen == 3
-    (base,) = [s for s in tar_samples(out / "shards" / "test-000000.tar")][:1]
+    (base,) = list(tar_samples(out / "shards" / "test-000000.tar"))[:1]
     assert Image.open(io.BytesIO(base["jpg"])).size == (352, 512)
 
 

@@ -431,7 +431,10 @@ def test_read_back_with_plain_webdataset_and_tarfile(server, s3_build, local_bui
         pipe = f"pipe:{shlex.quote(sys.executable)} -c {shlex.quote(cat)} {shlex.quote(url)}"
         remote = list(wds.WebDataset(pipe, shardshuffle=False, empty_check=False))
         local = list(wds.WebDataset(str(local_build / relative), shardshuffle=False, empty_check=False))
-        strip = lambda samples: [{k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")} for s in samples]
+
+        def strip(samples):
+            return [{k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")} for s in samples]
+
         assert strip(remote) == strip(local) and len(local) == 5
         with location.fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             remote_members = [(m.name, tar.extractfile(m).read()) for m in tar]
