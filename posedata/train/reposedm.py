@@ -145,7 +145,8 @@ def reposedm_presets() -> dict[str, Preset]:
     MapFormer width 96 and a correlation radius of 4; `tiny`: a tiny UNet and MapFormer that
     learn visibly on CPU in a few dozen steps with no flags."""
     paper = TrainConfig(max_steps=300_000, batch_size=8, learning_rate=1e-4, weight_decay=1e-2, warmup_steps=0, ema_decay=0.9999)
-    tiny = paper.replace(max_steps=60, batch_size=4, learning_rate=1e-3, ema_decay=0.99, checkpoint_every=100)
+    # 30 steps: the guidance decodes and runs HigherHRNet every step (loss 1.2 -> ~0.2 at 256x176)
+    tiny = paper.replace(max_steps=30, batch_size=4, learning_rate=1e-3, ema_decay=0.99, checkpoint_every=100)
     return {
         "paper": Preset(model={"rpa_dim": 96, "rpa_radius": 4, "rpa_iterations": 5}, train=paper),
         "tiny": Preset(model={"rpa_dim": 8, "rpa_radius": 2, "rpa_iterations": 5}, train=tiny),
