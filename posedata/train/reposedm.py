@@ -127,7 +127,7 @@ class RePoseDMModel(PluginModel):
         features, warped = self.appearance(source, pose)
         tokens = self.context_proj(features.flatten(2).transpose(1, 2))
         if keep is not None:
-            tokens = tokens * keep.to(tokens.dtype).view(-1, 1, 1)
+            tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)
         return tokens, warped
 
     def denoise_step(self, noisy: torch.Tensor, timestep: Any, pose: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
