@@ -44,7 +44,6 @@ from posedata.layout import (
     CARD,
     DONE,
     FORMAT_VERSION,
-    HUB_CARD,
     MANIFEST,
     META,
     REJECTS,
@@ -70,7 +69,8 @@ log = logging.getLogger("posedata.build")
 CARD_FORMAT_VERSION = FORMAT_VERSION
 
 # What a build writes at the top of its --out: the only entries `--overwrite` removes.
-OWN_ENTRIES = (CARD, HUB_CARD, MANIFEST, REJECTS, "pairs", "shards", "features", META, DONE)
+# (not README.md: the dataset card is rewritten by the build unless the user took it over)
+OWN_ENTRIES = (CARD, MANIFEST, REJECTS, "pairs", "shards", "features", META, DONE)
 
 
 class BuildError(PosedataError):
