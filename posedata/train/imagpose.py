@@ -207,9 +207,9 @@ class ImagPosePlugin(UNetPlugin):
 
     def build_model(self) -> ImagPoseModel:
         init = self.options.get("init")
-        if init:
+        if init and not self.model_id:  # an explicit --model (e.g. the checkpoint being sampled) wins
             model = self.check_model(load_plugin_model(ImagPoseModel, run_model_path(init), self.from_unet))
-        elif self.stage > 1:
+        elif self.stage > 1 and not self.model_id:
             raise ValueError(f"{self.name}: stage {self.stage} starts from the previous stage's run: pass --init RUN")
         else:
             model = super().build_model()
@@ -218,7 +218,7 @@ class ImagPosePlugin(UNetPlugin):
             if adapter is not None and dict(adapter.config)["block_out_channels"] != list(model.unet.config.block_out_channels):
                 raise ValueError(f"{self.name}: the motion adapter's blocks {adapter.config.block_out_channels} do not fit the UNet's")
             model = model.with_cva(adapter)
-        if self.stage == 1 and init and model.cva is not None:
+        if self.stage == 1 and init and not self.model_id and model.cva is not None:
             raise ValueError(f"{self.name}: stage 1 trains a model without CVA; {init} already has CVA modules (use --stage 3)")
         model.set_trainable(tuple(p for p in STAGE_PARTS[self.stage] if p in model.parts()))
         return model
@@ -275,18 +275,25 @@ class ImagPosePlugin(UNetPlugin):
             reference.append(int(sources[torch.randint(0, len(sources), (1,), generator=generator)]))
         batch = self.canvas([g["samples"] for g in groups], torch.stack(flags), reference)
         batch["reference"] = torch.tensor(reference)  # which tile (bench/train_cost.py's online step encodes it)
+        self.drop(batch, generator)
+        return batch
+
+    def drop(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> None:
+        """The stage's condition dropout, in place: stage 1, the DINOv2 tokens of the whole
+        batch -> the stored null embedding with p = 0.1; stages 2-3, per sample one draw u:
+        DINOv2 (u < 0.05), the VAE reference latent -> zeros (0.05 <= u < 0.10), both
+        (0.10 <= u < 0.15) (train_stage2.py)."""
         null_tokens = self.null(f"{self.dinov2_need}.tokens")
         if self.stage == 1:
             if float(torch.rand((), generator=generator)) < STAGE1_DROP:
                 batch["image_tokens"][:] = null_tokens
-        else:
-            u = torch.rand((len(groups),), generator=generator)
-            drop_dino = (u < STAGE23_DROP) | ((u >= 2 * STAGE23_DROP) & (u < 3 * STAGE23_DROP))
-            drop_vae = (u >= STAGE23_DROP) & (u < 3 * STAGE23_DROP)
-            batch["image_tokens"][drop_dino] = null_tokens
-            batch["reference_mean"][drop_vae] = 0.0
-            batch["reference_std"][drop_vae] = 0.0
-        return batch
+            return
+        u = torch.rand((len(batch["image_tokens"]),), generator=generator)
+        drop_dino = (u < STAGE23_DROP) | ((u >= 2 * STAGE23_DROP) & (u < 3 * STAGE23_DROP))
+        drop_vae = (u >= STAGE23_DROP) & (u < 3 * STAGE23_DROP)
+        batch["image_tokens"][drop_dino] = null_tokens
+        batch["reference_mean"][drop_vae] = 0.0
+        batch["reference_std"][drop_vae] = 0.0
 
     def loss(self, model: ImagPoseModel, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         latents = sample_latent(batch["latent_mean"], batch["latent_std"], self.scaling_factor, generator)
