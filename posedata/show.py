@@ -8,6 +8,7 @@ a thumbnail of the file where it can still be decoded, and the reason.
 from __future__ import annotations
 
 import io
+import os
 import textwrap
 from typing import Any
 
@@ -54,6 +55,9 @@ def contact_sheet(url: str, out: str, count: int = 8, split: str | None = None, 
         rows.append(([_fit(c, cell_w) for c in cells], caption))
 
     rejects = ds.location.read_parquet(ds.location.path(REJECTS)).to_pylist()[:max_rejects]
+    source_root = os.path.expanduser(str(ds.card.get("source", {}).get("root") or ""))
+    for reject in rejects:  # tables hold paths relative to --root: find the file to draw it
+        reject["file"] = reject["source_path"] if os.path.isabs(reject["source_path"]) else os.path.join(source_root, reject["source_path"])
     sheet = _compose(rows, headers, rejects, cell_w, f"{ds.location.url}  split={split}  {height}x{width}")
     sheet.save(out)
     return out
@@ -128,7 +132,7 @@ def _compose(rows, headers, rejects, cell_w, title) -> Image.Image:
     for i, reject in enumerate(rejects):
         x = pad + (i % reject_cols) * (cell_w + pad)
         yy = y + (i // reject_cols) * (CELL_HEIGHT + 3 * CAPTION)
-        thumb = _thumbnail(reject["source_path"], cell_w)
+        thumb = _thumbnail(reject["file"], cell_w)
         if thumb is None:
             draw.rectangle([x, yy, x + cell_w, yy + CELL_HEIGHT], outline=(255, 140, 120))
             draw.text((x + 6, yy + CELL_HEIGHT // 2), "cannot be decoded", fill=(255, 140, 120), font=font)

@@ -254,6 +254,23 @@ def test_rerun_on_a_changed_folder_is_refused_naming_the_change(tmp_path, change
     assert invoke(*args).exit_code == 0  # unchanged since: resumes (nothing to do)
 
 
+def test_a_build_that_fails_its_reconciliation_writes_no_card(tmp_path):
+    import pyarrow.parquet as pq
+
+    root = small_folder(tmp_path / "photos")
+    out = tmp_path / "ds"
+    args = ["build", "folder", "--root", str(root), "--out", str(out), *TINY, "--executor", "local"]
+    assert invoke(*args).exit_code == 0
+    (out / "dataset.json").unlink()
+    (marker,) = sorted((out / "_done" / "shards").glob("*.parquet"))
+    pq.write_table(pq.read_table(marker).slice(1), marker)  # one input's row lost
+
+    message = error_line(invoke(*args))
+
+    assert "reconciliation failed: 1 planned inputs not in any shard's rows" in message and "card was not written" in message
+    assert not (out / "dataset.json").exists()
+
+
 # ---- 3. empty splits, nothing written --------------------------------------------------------
 
 
