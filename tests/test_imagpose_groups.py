@@ -1,5 +1,5 @@
-"""The group stream IMAGPose trains from (`posedata.reader.GroupStream`), on a small
-Market-1501-named dataset of real photos built once per module:
+"""The group stream IMAGPose trains from (`posedata.reader.GroupStream`), on the reader
+tests' small Market-1501-named dataset of real photos (tests/test_reader.py `built`):
 
     train-000000  0002 x3
     train-000001  0005 x2, 0007 x2
@@ -11,41 +11,16 @@ Market-1501-named dataset of real photos built once per module:
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
-from click.testing import CliRunner
-from PIL import Image
+from test_reader import GROUPS, built  # noqa: F401  (the reader tests' Market-1501-named dataset)
 
-from posedata.cli import main as cli_main
 from posedata.reader import Dataset, GroupStream, torch_pairs
 
-GROUPS = {"train": {"0002": 3, "0005": 2, "0007": 2, "0011": 3, "0013": 1, "0020": 1}, "test": {"0001": 2, "0003": 2}}
 TRAIN_GROUPS = {"0002", "0005", "0007", "0011"}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, fixtures_dir) -> Path:
-    photos = [Image.open(p).convert("RGB") for p in sorted((fixtures_dir / "deepfashion").glob("pcdms_img*_750x1101.png"))]
-    root = tmp_path_factory.mktemp("market")
-    count = 0
-    for split, groups in GROUPS.items():
-        folder = root / f"bounding_box_{split}"
-        folder.mkdir()
-        for person, n in groups.items():
-            for camera in range(1, n + 1):
-                photo = photos[count % len(photos)].crop((count, 0, 750 - count, 1101))
-                photo.resize((64, 128), Image.Resampling.BICUBIC).save(folder / f"{person}_c{camera}s1_{1000 + count:06d}_01.jpg", quality=92)
-                count += 1
-    out = tmp_path_factory.mktemp("groups") / "market"
-    args = ["build", "market1501", "--root", str(root), "--out", str(out), "--res", "128x64", "--weights", "tiny", "--features", "clip",
-            "--shard-size", "4", "--executor", "local"]
-    result = CliRunner().invoke(cli_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
 
 
 def drawn(items) -> list[tuple[str, tuple[str, ...]]]:
