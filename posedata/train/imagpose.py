@@ -48,14 +48,20 @@ from posedata.train.imagpose_model import (
     TOKENIZER_KERNEL,
     ImagPoseModel,
     from_canvas,
-    motion_adapter_config,
     pad_multiple,
     pad_tiles,
     padded,
     to_canvas,
 )
 from posedata.train.plugin import as_tensor, output_shape
-from posedata.train.unet import PAPER_POSE_CHANNELS, TINY_POSE_CHANNELS, UNetPlugin, load_plugin_model, model_dtype, widen_conv_in
+from posedata.train.unet import (
+    PAPER_POSE_CHANNELS,
+    TINY_POSE_CHANNELS,
+    UNetPlugin,
+    load_plugin_model,
+    model_dtype,
+    widen_conv_in,
+)
 
 STAGES = (1, 2, 3)
 # what each stage trains (official train_stage1.py / train_stage2.py / stage 3)
