@@ -639,6 +639,24 @@ def test_folder_keys_are_injective(tmp_path):
     assert_sorted_and_accounted(scan, inputs=len(names))
 
 
+def test_folder_refuses_a_file_name_that_is_not_utf8(tmp_path):
+    import os
+
+    root = tmp_path / "photos"
+    write_jpeg(root / "a/ok.jpg")
+    latin1 = os.fsencode(root / "a") + b"/caf\xe9.jpg"  # from an old zip: Latin-1 bytes
+    with open(latin1, "wb") as handle:
+        handle.write((root / "a/ok.jpg").read_bytes())
+
+    scan = FolderSource(str(root)).scan()
+
+    assert [r.key for r in scan.records] == ["a__ok"]
+    (reject,) = scan.rejects
+    assert reject.path == str(root / "a") + "/caf\\xe9.jpg"  # text a table can hold
+    assert reject.reason.startswith("file name is not valid UTF-8")
+    reject.path.encode("utf-8")
+
+
 def test_folder_refuses_pipes_broken_links_and_unlistable_folders(tmp_path, monkeypatch):
     import os
 

@@ -70,7 +70,7 @@ def list_files(directory: Path) -> FileListing:
     seen_real_dirs: set[str] = set()
 
     def relative(path: str) -> str:
-        return os.path.relpath(path, directory).replace(os.sep, "/")
+        return printable(os.path.relpath(path, directory).replace(os.sep, "/"))
 
     def unlistable(error: OSError) -> None:
         if error.filename is None or os.path.abspath(error.filename) == os.path.abspath(directory):
@@ -99,13 +99,30 @@ def list_files(directory: Path) -> FileListing:
                 reason = "broken symlink (its target does not exist)" if broken else f"cannot read file: {error.__class__.__name__}: {error.strerror or error}"
                 listing.refused.append((relative(path), reason))
                 continue
-            if stat.S_ISREG(mode):
+            if not is_utf8(path):  # the tables hold UTF-8 text: such a name cannot be written
+                listing.refused.append((relative(path), "file name is not valid UTF-8 (shown with \\x escapes): rename the file to include it"))
+            elif stat.S_ISREG(mode):
                 listing.files.append(relative(path))
             else:
                 listing.refused.append((relative(path), f"not a regular file ({file_kind(mode)})"))
     listing.files.sort()
     listing.refused.sort()
     return listing
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a file name from the OS is valid UTF-8 (Python keeps undecodable bytes of a
+    name as lone surrogates, which no UTF-8 table can hold)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def printable(name: str) -> str:
+    """A file name as text any table can hold: bytes that are not UTF-8 as `\\xNN`."""
+    return name if is_utf8(name) else os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def sha256_file(path: Path) -> str:
