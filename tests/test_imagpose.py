@@ -336,6 +336,19 @@ def test_pretrained_loads_an_sd15_unet_and_an_animatediff_adapter(ds256, tmp_pat
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert run_model_path(str(tmp_path / "s1")) == str(tmp_path / "s1")
 
+    # the official stage 2 starts from AnimateAnyone's motion_module.pth: original AnimateDiff key names
+    original = {}
+    for key, value in saved.items():
+        block, _, rest = key.partition(".motion_modules.")
+        index, _, inner = rest.partition(".")
+        inner = (inner.replace("norm1", "norms.0").replace("norm2", "norms.1").replace("norm3", "ff_norm")
+                 .replace("attn1", "attention_blocks.0").replace("attn2", "attention_blocks.1"))
+        original[f"{block}.motion_modules.{index}.temporal_transformer.{inner}"] = value
+    original["down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.pos_encoder.pe"] = torch.zeros(1, 32, 8)
+    torch.save(original, tmp_path / "motion_module.pth")
+    from_file = ImagPosePlugin(ds.card, weights="pretrained", stage=2, init=str(tmp_path / "s1"), cva_model=str(tmp_path / "motion_module.pth")).build_model()
+    assert all(torch.equal(from_file.cva.state_dict()[k], v) for k, v in saved.items())
+
 
 # ---- three stages, resume, sampling (CLI) ---------------------------------------------------------
 

@@ -30,6 +30,7 @@ docs/imagpose-fidelity.md. The networks: `posedata.train.imagpose_model`.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -42,12 +43,14 @@ from posedata.render import draw_openpose
 from posedata.train.config import PluginOption, Preset, SampleSettings, TrainConfig
 from posedata.train.diffusion import Objective, denoise, sample_latent
 from posedata.train.imagpose_model import (
+    CVA_HEADS,
     IN_CHANNELS,
     MOTION_ADAPTER,
     TILES,
     TOKENIZER_KERNEL,
     ImagPoseModel,
     from_canvas,
+    motion_module_file,
     pad_multiple,
     pad_tiles,
     padded,
@@ -128,7 +131,8 @@ class ImagPosePlugin(UNetPlugin):
         PluginOption("init", "the previous stage's run (or a saved model) to start from; stages 2 and 3 need it", default=None),
         PluginOption("recipe", "objective: official (v-prediction, zero-terminal SNR, min-SNR 5, offset 0.05) or paper (epsilon, linear); "
                      "default official, or what the model given with --init / --model was trained with", default=None, choices=RECIPES),
-        PluginOption("cva_model", f"stage 2 with --weights pretrained: the AnimateDiff motion adapter the CVA starts from (default {MOTION_ADAPTER})",
+        PluginOption("cva_model", "stage 2 with --weights pretrained: the motion modules the CVA starts from: a diffusers MotionAdapter "
+                     f"(hub id or dir, default {MOTION_ADAPTER}) or an original-format file (AnimateAnyone's motion_module.pth, as official)",
                      default=None),
     )
     sample_options = (PluginOption("mode", "single (T2) | t1 | multi-source (T3) | multi-target (IMAGPose*)", default="single",
@@ -203,13 +207,15 @@ class ImagPosePlugin(UNetPlugin):
             raise ValueError(f"{self.name}: the model's UNet has {len(model.unet.config.block_out_channels)} levels, expected {len(self.unet_config['block_out_channels'])}")
         return model
 
-    def motion_adapter(self) -> MotionAdapter | None:
+    def motion_adapter(self, unet_config: dict[str, Any]) -> MotionAdapter | None:
         """The CVA a stage-2 model starts from: AnimateDiff's pretrained motion modules (the
         official code loads AnimateAnyone's motion_module.pth), or fresh zero-output ones."""
         if self.weights != "pretrained":
             return None
-        adapter = MotionAdapter.from_pretrained(self.options.get("cva_model") or MOTION_ADAPTER)
-        return adapter
+        source = self.options.get("cva_model") or MOTION_ADAPTER
+        if os.path.isfile(source):  # an original-format checkpoint (AnimateAnyone's motion_module.pth)
+            return motion_module_file(source, unet_config, self.preset.model.get("cva_heads", CVA_HEADS))
+        return MotionAdapter.from_pretrained(source)
 
     def build_model(self) -> ImagPoseModel:
         init = self.options.get("init")
@@ -220,7 +226,7 @@ class ImagPosePlugin(UNetPlugin):
         else:
             model = super().build_model()
         if self.stage >= 2 and model.cva is None:
-            adapter = self.motion_adapter()
+            adapter = self.motion_adapter(dict(model.unet.config))
             if adapter is not None and dict(adapter.config)["block_out_channels"] != list(model.unet.config.block_out_channels):
                 raise ValueError(f"{self.name}: the motion adapter's blocks {adapter.config.block_out_channels} do not fit the UNet's")
             model = model.with_cva(adapter)

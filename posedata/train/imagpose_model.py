@@ -171,6 +171,30 @@ def motion_adapter_config(unet_config: dict[str, Any], heads: int = CVA_HEADS) -
     }
 
 
+def motion_module_file(path: str, unet_config: dict[str, Any], heads: int = CVA_HEADS) -> MotionAdapter:
+    """A motion-module checkpoint in the original AnimateDiff key names (`down_blocks.0.
+    motion_modules.0.temporal_transformer...`: AnimateDiff's `mm_sd_v15_v2.ckpt`, or the
+    `motion_module.pth` of Moore-AnimateAnyone that the official IMAGPose stage 2 starts
+    from) as a `MotionAdapter` fitting `unet_config`: keys renamed by diffusers' own
+    `convert_animatediff_checkpoint_to_diffusers` (the sinusoidal `pos_encoder.pe` buffers
+    are dropped; diffusers computes the same table), loaded strictly. Offline: no hub config
+    is fetched (`MotionAdapter.from_single_file` would)."""
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+    adapter = MotionAdapter(**motion_adapter_config(unet_config, heads))
+    missing, unexpected = adapter.load_state_dict(convert_animatediff_checkpoint_to_diffusers(state), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a motion module for this UNet: missing {sorted(missing)[:3]}..., unexpected {sorted(unexpected)[:3]}...")
+    return adapter
+
+
 def zero_cva_outputs(adapter: MotionAdapter) -> None:
     """AnimateDiff's `zero_initialize`: every module's proj_out starts at zero (identity)."""
     with torch.no_grad():
