@@ -20,6 +20,8 @@ MIN_SIDE = 16
 MAX_SIDE_AT_SQUARE = 16384
 MAX_PIXELS = MAX_SIDE_AT_SQUARE * MAX_SIDE_AT_SQUARE
 JPEG_QUALITY = 95
+# Largest file read (bytes): an uncompressed 16384 x 16384 RGB TIFF is 805 MB.
+MAX_FILE_BYTES = 1 << 30
 
 
 # The formats a photo comes in; Image.open tries only these (no EPS through Ghostscript, no
@@ -47,13 +49,16 @@ def read_source_bytes(path: str) -> bytes:
     the photos is refused instead of hanging the build."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegularFile(f"not a regular file ({file_kind(os.fstat(fd).st_mode)})")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(f"not a regular file ({file_kind(info.st_mode)})")
+        if info.st_size > MAX_FILE_BYTES:  # a video or a disk image among the photos
+            raise NotRegularFile(f"file too large to be a photo ({info.st_size} bytes; limit {MAX_FILE_BYTES})")
         return handle.read()
 
 
 class NotRegularFile(OSError):
-    """A path that names a pipe, socket or device: never read."""
+    """A path that is never read: a pipe, socket or device, or a file too large for a photo."""
 
 
 def file_kind(mode: int) -> str:
@@ -181,18 +186,14 @@ def to_srgb(image: Image.Image) -> tuple[Image.Image, str]:
         return image, f"embedded ICC profile unreadable ({_exception_text(e)}): values kept as they are"
     if name.lower().startswith("srgb"):
         return image, f"sRGB (ICC profile {name!r})"
-    modes = {"RGB": ("RGB", "RGBA"), "CMYK": ("CMYK",), "GRAY": ("L",)}.get(space, ())
-    if image.mode not in modes:
+    if space == "RGB":
+        image = to_rgb(image)  # palette, alpha (on white), 16-bit: to the profile's RGB first
+    elif (space, image.mode) not in (("CMYK", "CMYK"), ("GRAY", "L")):
         return image, f"ICC profile {name!r} ({space}) does not fit a {image.mode} image: values kept as they are"
     if _SRGB is None:
         _SRGB = ImageCms.createProfile("sRGB")
     try:
-        if image.mode == "RGBA":
-            alpha = image.getchannel("A")
-            converted = ImageCms.profileToProfile(image.convert("RGB"), profile, _SRGB, outputMode="RGB")
-            converted.putalpha(alpha)
-        else:
-            converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
+        converted = ImageCms.profileToProfile(image, profile, _SRGB, outputMode="RGB")
     except Exception as e:  # noqa: BLE001
         return image, f"ICC profile {name!r} could not be applied ({_exception_text(e)}): values kept as they are"
     return converted, f"converted to sRGB from ICC profile {name!r}"

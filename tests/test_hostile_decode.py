@@ -148,3 +148,19 @@ def test_a_build_of_fuzzed_files_accounts_for_every_one(tmp_path):
     for sample in wds.WebDataset(str(out / "shards" / "train-000000.tar"), shardshuffle=False, empty_check=False):
         metas[sample["__key__"]] = json.loads(sample["json"])
     assert metas["p3"]["colour"] == "converted to sRGB from ICC profile 'Display P3 (posedata test)'"
+
+
+def test_pipes_and_files_too_large_for_a_photo_are_never_read(tmp_path, monkeypatch):
+    import os
+
+    from posedata.images import NotRegularFile, read_source_bytes
+
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)
+    with pytest.raises(NotRegularFile, match=r"not a regular file \(a named pipe\)"):
+        read_source_bytes(str(pipe))  # returns at once: nothing hangs waiting for a writer
+    video = tmp_path / "clip.mov"
+    video.write_bytes(b"\0" * 4096)
+    monkeypatch.setattr(images, "MAX_FILE_BYTES", 1024)
+    with pytest.raises(NotRegularFile, match=r"file too large to be a photo \(4096 bytes; limit 1024\)"):
+        read_source_bytes(str(video))
