@@ -111,18 +111,29 @@ def test_overwrite_removes_only_the_datasets_own_entries(photos, tmp_path):
 
 
 def test_read_only_parent_is_one_error_line(photos, tmp_path):
+    """Run as an ordinary user would be (as root: without the capabilities that bypass file
+    permissions, see hostile_files.unreadable_runner)."""
     import os
+    import subprocess
+    import sys
 
+    from hostile_files import unreadable_runner
+
+    prefix, skipped = unreadable_runner()
+    if skipped:
+        pytest.skip(skipped)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running with permission to write anywhere (root)")
-        message = error_line(invoke(*build_args(photos, locked / "ds")))
-        assert str(locked) in message
+        posedata = str(Path(sys.executable).with_name("posedata"))
+        proc = subprocess.run([*prefix, posedata, *build_args(photos, locked / "ds")], capture_output=True, text=True, timeout=300, check=False, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     finally:
         locked.chmod(0o755)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: --out ") and "cannot write there (Permission denied)" in last, last
+    assert not (locked / "ds").exists()
 
 
 def test_double_colon_in_a_source_name_is_read_literally(tmp_path):
