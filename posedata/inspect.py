@@ -31,7 +31,9 @@ def describe(url: str, storage_options: dict[str, Any] | None = None) -> str:
         )
         if info.get("pairs_dropped"):
             lines.append(f"           {info['pairs_dropped']} listed pairs dropped (an image was rejected or missing)")
-        if not info.get("pairs"):
+        if not info.get("samples"):
+            lines.append(f"           no samples: every input of split {split!r} was rejected (see rejects below)")
+        elif not info.get("pairs"):
             why = "every group holds a single image (see --group-regex)" if str(info.get("pairs_origin", "")).startswith("generated") else "no listed pair has both images here"
             lines.append(f"           0 pairs: {why}; plugins that train on pairs cannot use split {split!r}")
     # the card's count (builds since format 2), else counted from the manifest

@@ -299,6 +299,7 @@ def test_a_split_with_every_image_rejected_is_consistent_everywhere(tmp_path):
     assert card["splits"]["test"]["samples"] == 0 and card["splits"]["train"]["samples"] == 4
     verify = invoke("verify", str(out))
     assert verify.exit_code == 0, verify.output
+    assert "no samples: every input of split 'test' was rejected" in invoke("inspect", str(out)).output
     assert "split 'test' has no samples" in error_line(invoke("show", str(out), "--out", str(tmp_path / "sheet.png"), "--split", "test"))
     assert invoke("show", str(out), "--out", str(tmp_path / "sheet.png")).exit_code == 0  # picks train
     train = CliRunner().invoke(cli_main, ["train", "pcdm-prior", "--shards", str(out), "--out", str(tmp_path / "run"), "--weights", "tiny", "--split", "test", "--max-steps", "1"])
