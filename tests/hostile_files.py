@@ -20,6 +20,25 @@ EXIF_ORIENTATION_6_MISTYPED = bytes.fromhex(
 )
 
 
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    """An image saved to bytes in `fmt`."""
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height (valid signature and IHDR checksum), with a
+    few bytes of pixels: how a too-large image is met without writing one."""
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
 def gradient(size=(48, 64), seed=0) -> Image.Image:
     """An RGB test picture with some structure (so every codec has real work)."""
     w, h = size

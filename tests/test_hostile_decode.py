@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import pandas as pd
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, gradient, hostile_corpus
+from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, encoded, gradient, hostile_corpus, png_header_only
 from PIL import Image, ImageCms
 
 from posedata import images
@@ -30,10 +28,6 @@ from posedata.images import ImageRejected, StoredImage, store_image
 H, W = 64, 48
 
 
-def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 def test_fuzzed_files_are_samples_or_rejects_never_exceptions():
@@ -79,14 +73,6 @@ def test_any_exception_in_any_step_becomes_a_reject(monkeypatch, step):
         store_image(encoded(gradient(), "PNG"), H, W)
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header says width x height (valid signature and IHDR checksum)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def test_too_large_says_what_it_is():

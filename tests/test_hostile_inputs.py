@@ -19,7 +19,6 @@ of 4-6 tiny images (~3 s each); the rest is instant."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, gradient, unreadable_runner
+from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, encoded, gradient, png_header_only, unreadable_runner
 from PIL import Image
 
 import posedata.images  # noqa: F401 - registers the HEIC plugin the folder is written with
@@ -44,20 +43,8 @@ RES = "64x48"
 TINY = ["--res", RES, "--weights", "tiny", "--features", "openpose"]
 
 
-def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 class HostileFolder:
