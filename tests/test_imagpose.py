@@ -378,6 +378,7 @@ def test_three_stages_resume_exactly_and_sample_every_scenario_at_256x176(ds256,
     assert all(torch.equal(a, b) for a, b in zip(before.unet.parameters(), after2.unet.parameters()))  # stage 2: CVA only
     config = json.loads((tmp_path / "s3" / "config.json").read_text())
     assert config["learning_rate"] == 2e-5  # stage 3 at 1/50 of stage 1, as official
+    assert (config["data"]["groups"], config["data"]["groups_of_one_image_skipped"]) == (2, 0)
 
     height, width = 256, 176
     expected = {"single": 3, "t1": 3, "multi-source": 3}

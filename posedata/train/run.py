@@ -133,6 +133,13 @@ def describe_data(dataset: Dataset, plugin: Plugin, shards: str, split: str, num
     crossing = sum(shard is None for shard in dataset.pairs(split)["shard"].to_pylist())
     if crossing:
         logger.warning("%s: %d pairs of split %r cross two shards and are skipped (recorded in config.json)", shards, crossing, split)
+    groups = {}
+    if getattr(plugin, "stream", "pairs") == "groups":  # groups of one image cannot be trained on: counted
+        stream = GroupStream(dataset, split, ())
+        groups = {"groups": len(stream), "groups_of_one_image_skipped": stream.skipped_singletons}
+        if stream.skipped_singletons:
+            logger.warning("%s: %d groups of split %r have a single image and are skipped (recorded in config.json)", shards,
+                           stream.skipped_singletons, split)
     return {
         "url": shards,
         "name": card.get("name"),
@@ -144,6 +151,7 @@ def describe_data(dataset: Dataset, plugin: Plugin, shards: str, split: str, num
         "samples": info.get("samples"),
         "pairs": info.get("pairs"),
         "pairs_across_shards_skipped": crossing,
+        **groups,
         "pixels": plugin.needs_pixels,
         "features": features,
         "num_workers": num_workers,
