@@ -253,8 +253,15 @@ def check_options(config: BuildConfig) -> None:
         raise BuildError(f"--shard-size must be at least 1, not {config.shard_size}")
     if config.workers is not None and config.workers < 1:
         raise BuildError(f"--workers must be at least 1, not {config.workers}")
+    check_feature_options(list(config.features or DEFAULT_FEATURES), config.batch_sizes, config.models, also=("keypoints_annotated",))
+
+
+def check_feature_options(features: list[str], batch_sizes: dict[str, Any], models: dict[str, str], also: tuple[str, ...] = ()) -> list[str]:
+    """`--features` names known features and presets; `--batch-size` and `--model` name
+    features of this run (or `also`, features a run may add itself), batch sizes whole
+    numbers >= 1. The features with their dependencies, in order."""
     try:
-        specs = dependency_order(list(config.features or DEFAULT_FEATURES))
+        specs = dependency_order(list(features))
         for spec in specs:
             name, preset = parse_spec(spec)
             presets = getattr(extractor_class(name), "PRESETS", None)
@@ -262,13 +269,14 @@ def check_options(config: BuildConfig) -> None:
                 raise KeyError(f"feature {name!r} has no preset {preset!r}" + (f"; choose one of {', '.join(f'{name}:{p}' for p in presets)}" if presets else ""))
     except (KeyError, ValueError) as e:
         raise BuildError(f"--features: {str(e).strip(chr(39) + chr(34))}") from None
-    known = set(specs) | {parse_spec(s)[0] for s in specs} | {"keypoints_annotated"}  # added when the source ships keypoints
-    for option, values in (("--batch-size", config.batch_sizes), ("--model", config.models)):
+    known = set(specs) | {parse_spec(s)[0] for s in specs} | set(also)
+    for option, values in (("--batch-size", batch_sizes), ("--model", models)):
         for feature, value in values.items():
             if feature not in known:
-                raise BuildError(f"{option} {feature}={value}: {feature!r} is not a feature of this build (features: {', '.join(specs)})")
+                raise BuildError(f"{option} {feature}={value}: {feature!r} is not a feature of this run (features: {', '.join(specs)})")
             if option == "--batch-size" and (not isinstance(value, int) or value < 1):
                 raise BuildError(f"--batch-size {feature}={value}: the batch size must be a whole number of at least 1")
+    return specs
 
 
 def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:

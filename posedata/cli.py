@@ -232,6 +232,9 @@ def extend(url, features, preset, models, batch_sizes, storage_options, verbose,
     specs = _feature_specs(features, preset)
     if not specs:
         raise click.BadParameter("name the features to add with --features or --preset")
+    from posedata.build import check_feature_options
+
+    check_feature_options(specs, parse_batch_sizes(batch_sizes), parse_assignments(models, "FEATURE=HUB_ID_OR_DIR"))
     config = ExtendConfig(
         url=url,
         features=specs,

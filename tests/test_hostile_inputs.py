@@ -330,8 +330,8 @@ def test_a_build_that_writes_nothing_exits_nonzero_with_the_reasons(tmp_path):
         (["--batch-size", "openpose=-1"], "at least 1"),
         (["--batch-size", "openpose=0"], "at least 1"),
         (["--batch-size", "openpose=abc"], "whole number"),
-        (["--batch-size", "nosuchfeature=4"], "'nosuchfeature' is not a feature of this build"),
-        (["--model", "clip=/models/x"], "'clip' is not a feature of this build"),
+        (["--batch-size", "nosuchfeature=4"], "'nosuchfeature' is not a feature of this run"),
+        (["--model", "clip=/models/x"], "'clip' is not a feature of this run"),
         (["--features", "openpose,bogus"], "unknown feature 'bogus'"),
         (["--features", "vae:sd99"], "no preset 'sd99'"),
     ],
@@ -344,6 +344,12 @@ def test_bad_options_are_one_error_line(tmp_path, extra, words):
     assert "Traceback" not in result.output
     assert words in result.output, result.output
     assert not (tmp_path / "ds").exists()  # refused before anything was written
+
+
+def test_bad_extend_options_are_one_error_line(small_dataset):
+    for extra, words in ((["--batch-size", "nosuchfeature=4"], "'nosuchfeature' is not a feature of this run"), (["--features", "bogus"], "unknown feature 'bogus'"), (["--batch-size", "vae=0"], "at least 1")):
+        result = CliRunner().invoke(cli_main, ["extend", str(small_dataset), "--features", "vae:sd15", "--weights", "tiny", "--executor", "local", *extra])
+        assert result.exit_code != 0 and "Traceback" not in result.output and words in result.output, result.output
 
 
 @pytest.fixture(scope="module")
