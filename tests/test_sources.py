@@ -667,6 +667,8 @@ def test_folder_refuses_pipes_broken_links_and_unlistable_folders(tmp_path, monk
     broken = root / "ok/gone.jpg"
     broken.symlink_to(root / "nowhere.jpg")
     locked = write_jpeg(root / "locked/b.jpg").parent
+    loop = root / "ok" / "loop"
+    loop.symlink_to(root / "ok", target_is_directory=True)  # read once, refused the second time
     # As the kernel answers an ordinary user for a mode-000 folder (tests often run as root,
     # which lists anything; tests/test_hostile_inputs.py does it for real under setpriv).
     real_scandir = os.scandir
@@ -684,10 +686,11 @@ def test_folder_refuses_pipes_broken_links_and_unlistable_folders(tmp_path, monk
     assert reasons == {
         str(pipe): "not a regular file (a named pipe)",
         str(broken): "broken symlink (its target does not exist)",
+        str(loop): "folder already read as ok/ (a symlink loop, or a second link to it): not read again",
         str(locked): "cannot list folder: PermissionError: Permission denied",
     }
     assert [r.key for r in scan.records] == ["ok__a"]
-    assert_sorted_and_accounted(scan, inputs=4)
+    assert_sorted_and_accounted(scan, inputs=5)
 
 
 def test_folder_group_regex(tmp_path):

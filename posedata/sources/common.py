@@ -67,7 +67,7 @@ def list_files(directory: Path) -> FileListing:
     from posedata.images import file_kind
 
     listing = FileListing()
-    seen_real_dirs: set[str] = set()
+    seen_real_dirs: dict[str, str] = {}  # real path -> the relative path it was read under
 
     def relative(path: str) -> str:
         return printable(os.path.relpath(path, directory).replace(os.sep, "/"))
@@ -81,9 +81,10 @@ def list_files(directory: Path) -> FileListing:
     for current, dirnames, filenames in os.walk(directory, followlinks=True, onerror=unlistable):
         real = os.path.realpath(current)
         if real in seen_real_dirs:  # a symlink loop, or the same folder linked twice
+            listing.refused.append((relative(current), f"folder already read as {seen_real_dirs[real]}/ (a symlink loop, or a second link to it): not read again"))
             dirnames[:] = []
             continue
-        seen_real_dirs.add(real)
+        seen_real_dirs[real] = relative(current)
         for name in sorted(d for d in dirnames if d.startswith(".")):
             listing.refused.append((relative(os.path.join(current, name)), "hidden folder (name starts with '.'): not read"))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
