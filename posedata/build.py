@@ -597,7 +597,8 @@ def count_notes(notes_json: list[str]) -> dict[str, dict[str, int]]:
 
 def _reason_kind(reason: str) -> str:
     """Group reject reasons for counting: drop the per-file detail after the first colon."""
-    return reason.split(":")[0].split("(")[0].strip()
+    kind = reason.split(":")[0].split("(")[0].strip()
+    return "duplicate key" if kind.startswith("duplicate key ") else kind
 
 
 def write_pairs(plan: BuildPlan, location: DatasetLocation, manifest: pa.Table) -> dict[str, dict[str, Any]]:

@@ -686,7 +686,7 @@ def test_folder_refuses_pipes_broken_links_and_unlistable_folders(tmp_path, monk
     assert reasons == {
         str(pipe): "not a regular file (a named pipe)",
         str(broken): "broken symlink (its target does not exist)",
-        str(loop): "folder already read as ok/ (a symlink loop, or a second link to it): not read again",
+        str(loop): "folder reached again through a symlink (already read as ok/): not read again",
         str(locked): "cannot list folder: PermissionError: Permission denied",
     }
     assert [r.key for r in scan.records] == ["ok__a"]

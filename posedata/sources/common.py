@@ -81,7 +81,7 @@ def list_files(directory: Path) -> FileListing:
     for current, dirnames, filenames in os.walk(directory, followlinks=True, onerror=unlistable):
         real = os.path.realpath(current)
         if real in seen_real_dirs:  # a symlink loop, or the same folder linked twice
-            listing.refused.append((relative(current), f"folder already read as {seen_real_dirs[real]}/ (a symlink loop, or a second link to it): not read again"))
+            listing.refused.append((relative(current), f"folder reached again through a symlink (already read as {seen_real_dirs[real]}/): not read again"))
             dirnames[:] = []
             continue
         seen_real_dirs[real] = relative(current)
