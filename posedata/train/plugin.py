@@ -42,6 +42,10 @@ class Plugin:
     name: ClassVar[str]
     needs: ClassVar[tuple[FeatureNeed, ...]]
     needs_pixels: ClassVar[bool] = False
+    # {alias: outputs} for the features of which `collate` reads only some outputs (e.g.
+    # {"openpose": ("keypoints", "hands")}: the skeleton PNG is never decoded); a feature not
+    # named here is decoded whole. The reader's cost per sample is mostly decoding.
+    reads: ClassVar[dict[str, tuple[str, ...]] | None] = None
     presets: ClassVar[dict[str, Preset]]
     sample_recipes: ClassVar[dict[str, SampleSettings]] = {"default": SampleSettings()}
     train_options: ClassVar[tuple[PluginOption, ...]] = ()
@@ -181,6 +185,29 @@ def vae_scaling_factor(card: dict[str, Any], need: str, plugin: str) -> float:
     if value is None:
         raise ValueError(f"{plugin}: the card's {need!r} feature has no scaling_factor")
     return float(value)
+
+
+def rebuild_extractor(card: dict[str, Any], need: str, plugin: str):
+    """The extractor a dataset's feature `need` was computed with, rebuilt from the card (its
+    weights mode, model, preset, dtype, resolution and upstream folders) and checked against
+    the stored fingerprint, so a frozen network used at train or sample time (a VAE to
+    decode, RePoseDM's HigherHRNet) is exactly the one that made the features."""
+    from posedata.extractors import create_extractor, parse_spec
+    from posedata.reader import find_feature
+
+    found = find_feature(card, need)
+    if not found:
+        raise ValueError(f"{plugin}: the dataset has no {need!r} feature; run `posedata build` / `posedata extend` with it")
+    folder, feature = found
+    name, preset = parse_spec(need)
+    preset = feature.get("preset") or preset
+    kwargs: dict[str, Any] = {"weights": feature["weights"], "resolution": tuple(card["resolution"]), "dtype": feature["dtype"]}
+    if feature["weights"] == "pretrained":
+        kwargs["model"] = feature["fingerprint_inputs"]["model"]
+    extractor = create_extractor(f"{name}:{preset}" if preset else name, upstream=feature["fingerprint_inputs"].get("upstream"), **kwargs)
+    if extractor.folder != folder:
+        raise RuntimeError(f"{plugin}: cannot rebuild the model of {folder} from the card (got {extractor.folder}); pass the model explicitly")
+    return extractor
 
 
 def as_tensor(array: Any) -> torch.Tensor:

@@ -130,30 +130,10 @@ def guidance_term(
     return (1.0 - abar).sqrt() * grad.float(), energy
 
 
-def rebuild_extractor(card: dict[str, Any], need: str, plugin: str):
-    """The extractor a dataset's feature `need` was computed with, rebuilt from the card (its
-    weights mode, model, preset, dtype and resolution) and checked against the stored
-    fingerprint, so the frozen networks are exactly the ones that made the features."""
-    from posedata.extractors import create_extractor, parse_spec
-    from posedata.reader import find_feature
-
-    found = find_feature(card, need)
-    if not found:
-        raise ValueError(f"{plugin}: the dataset has no {need!r} feature; run `posedata build` / `posedata extend` with it")
-    folder, feature = found
-    name, preset = parse_spec(need)
-    kwargs: dict[str, Any] = {"weights": feature["weights"], "resolution": tuple(card["resolution"]), "dtype": feature["dtype"]}
-    if feature["weights"] == "pretrained":
-        kwargs["model"] = feature["fingerprint_inputs"]["model"]
-    spec = f"{name}:{feature.get('preset') or preset}" if (feature.get("preset") or preset) else name
-    extractor = create_extractor(spec, upstream=feature["fingerprint_inputs"].get("upstream"), **kwargs)
-    if extractor.folder != folder:
-        raise RuntimeError(f"{plugin}: cannot rebuild the model of {folder} from the card (got {extractor.folder})")
-    return extractor
-
-
 def interaction_field(card: dict[str, Any], vae_need: str, pose_need: str, plugin: str, scaling_factor: float) -> PoseInteractionField:
     """G_phi with the dataset's own VAE (`vae_need`) and HigherHRNet (`pose_need`), on CPU."""
+    from posedata.train.plugin import rebuild_extractor
+
     vae = rebuild_extractor(card, vae_need, plugin).build_model()
     pose_net = rebuild_extractor(card, pose_need, plugin).build_net()
     return PoseInteractionField(vae, pose_net, scaling_factor)

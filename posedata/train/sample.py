@@ -43,7 +43,7 @@ from posedata.train import plugin_class
 from posedata.train.checkpoint import checkpoints
 from posedata.train.config import SampleSettings
 from posedata.train.diffusion import decode_to_uint8
-from posedata.train.plugin import Plugin, stack
+from posedata.train.plugin import Plugin, rebuild_extractor, stack
 from posedata.train.run import load_null_embeddings
 
 STAGES = ("prior", "inpaint", "refine")
@@ -112,18 +112,9 @@ def with_pose(dataset: Dataset, needs) -> list:
 
 def dataset_vae(dataset: Dataset, need: str, device: str):
     """The autoencoder the dataset's `need` latents (e.g. vae:sd21) were made with."""
-    from posedata.extractors import create_extractor
-
-    folder, feature = find_feature(dataset.card, need) or (None, None)
-    if feature is None:
+    if find_feature(dataset.card, need) is None:
         raise KeyError(f"{dataset.location.url}: no {need} feature to decode with")
-    kwargs = {"weights": feature["weights"], "resolution": tuple(dataset.card["resolution"]), "preset": feature.get("preset")}
-    if feature["weights"] == "pretrained":
-        kwargs["model"] = feature["fingerprint_inputs"]["model"]
-    extractor = create_extractor("vae", **kwargs)
-    if extractor.folder != folder:
-        raise RuntimeError(f"cannot rebuild the VAE of {folder} (got {extractor.folder}); pass the VAE explicitly")
-    return extractor.build_model().to(device).eval()
+    return rebuild_extractor(dataset.card, need, "sample").build_model().to(device).eval()
 
 
 def load_stage(dataset: Dataset, name: str, run: str, device: str) -> tuple[Plugin, torch.nn.Module]:
