@@ -18,7 +18,14 @@ import pandas as pd
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
-from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, encoded, gradient, hostile_corpus, png_header_only
+from hostile_files import (
+    EXIF_ORIENTATION_6_MISTYPED,
+    display_p3_profile,
+    encoded,
+    gradient,
+    hostile_corpus,
+    png_header_only,
+)
 from PIL import Image, ImageCms
 
 from posedata import images

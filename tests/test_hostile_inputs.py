@@ -30,7 +30,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from hostile_files import EXIF_ORIENTATION_6_MISTYPED, display_p3_profile, encoded, gradient, png_header_only, unreadable_runner
+from hostile_files import (
+    EXIF_ORIENTATION_6_MISTYPED,
+    display_p3_profile,
+    encoded,
+    gradient,
+    png_header_only,
+    unreadable_runner,
+)
 from PIL import Image
 
 import posedata.images  # noqa: F401 - registers the HEIC plugin the folder is written with
