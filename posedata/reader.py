@@ -57,12 +57,16 @@ class Column:
 def find_feature(card: dict[str, Any], name: str) -> tuple[str, dict[str, Any]] | None:
     """(folder, feature card) of feature `name`, `name:preset` (vae:sd15) or exactly
     `name@fp` in a dataset card; None if absent; an error if several coexist and `name`
-    does not say which."""
+    does not say which. A bare name means the feature without a preset when exactly one has
+    none (`openpose` is the body-only one beside `openpose:full`)."""
     features = card["features"]
     if name in features:
         return name, features[name]
     base, _, preset = name.partition(":")
     folders = sorted(f for f, c in features.items() if c["name"] == base and (not preset or c.get("preset") == preset))
+    if len(folders) > 1 and not preset:
+        plain = [f for f in folders if features[f].get("preset") is None]
+        folders = plain if len(plain) == 1 else folders
     if len(folders) > 1:
         raise KeyError(f"several {name!r} features ({', '.join(folders)}); name one as name:preset or name@fingerprint")
     return (folders[0], features[folders[0]]) if folders else None
