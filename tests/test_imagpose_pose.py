@@ -130,3 +130,14 @@ def test_pcdm_inpaint_pose_images_gain_the_hands_when_stored():
     expected = draw_openpose(arms(), HEIGHT, WIDTH, hands=hands)
     assert torch.equal(drawn[:, :, :WIDTH], torch.from_numpy(expected).permute(2, 0, 1).float() / 127.5 - 1.0)
     assert not torch.equal(plain, drawn) and torch.equal(plain[:, :, WIDTH:], drawn[:, :, WIDTH:])
+
+
+def test_a_bare_feature_name_means_the_one_without_a_preset():
+    from posedata.reader import find_feature
+
+    card = {"features": {"openpose@aaa": {"name": "openpose", "preset": None}, "openpose@bbb": {"name": "openpose", "preset": "full"},
+                         "vae@c": {"name": "vae", "preset": "sd15"}, "vae@d": {"name": "vae", "preset": "sd21"}}}
+    assert find_feature(card, "openpose")[0] == "openpose@aaa"  # extending with openpose:full keeps `openpose` usable
+    assert find_feature(card, "openpose:full")[0] == "openpose@bbb"
+    with pytest.raises(KeyError, match="several 'vae' features"):
+        find_feature(card, "vae")
