@@ -158,8 +158,9 @@ def test_pretrained_adapts_an_sd15_unet(data, tmp_path):
     assert (model.unet.config.in_channels, model.unet.config.out_channels) == (IN_CHANNELS, OUT_CHANNELS)
     x, pose = torch.randn(1, 4, h, w), torch.randn(1, 4, h, w)
     context = torch.randn(1, h * w, original.config.cross_attention_dim)
+    levels = len(original.config.block_out_channels)
     with torch.no_grad():
-        out = model.denoise_step(x, 10, pose, context)
+        out = model.denoise_step(x, 10, pose, (context,) * levels)
         expected = original(x, 10, encoder_hidden_states=context).sample
     torch.testing.assert_close(out[:, :4], expected, rtol=1e-4, atol=1e-5)
     assert torch.count_nonzero(out[:, 4:]) == 0
@@ -193,3 +194,39 @@ def test_frozen_networks_are_rebuilt_from_the_card_in_any_storage_dtype(data, tm
     assert dataset_vae(Dataset(str(out)), "vae:sd15", "cpu").config.latent_channels == 4
     with pytest.raises(ValueError, match="no 'clip' feature"):
         rebuild_extractor(ds.card, "clip", "test")
+
+
+def test_each_cross_attention_attends_its_own_resolution(data, tmp_path):
+    """PIDM's per-resolution cross-attention: one token set per UNet level (h_l x w_l tokens,
+    stride-2 halvings like the UNet's), each attn2 reads its own level's set, and the attn2
+    outputs start at zero so an untrained UNet ignores the source."""
+    ds, pairs = data
+    plugin = make_plugin(ds)
+    model = plugin.build_model().eval()
+    levels = len(model.unet.config.block_out_channels)
+    source, pose = torch.randn(2, 4, h, w), torch.randn(2, 4, h, w)
+    with torch.no_grad():
+        context, _ = model.context(source, pose)
+    sizes = [(h, w)]
+    for _ in range(levels - 1):
+        sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+    assert [c.shape for c in context] == [(2, a * b, model.unet.config.cross_attention_dim) for a, b in sizes]
+    seen: dict[str, int] = {}
+    hooks = [m.to_k.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, args[0].shape[1]))
+             for name, m in model.unet.named_modules() if name.endswith("attn2")]
+    noisy = torch.randn(2, 4, h, w)
+    with torch.no_grad():
+        out = model.denoise_step(noisy, 10, pose, context)
+        unconditioned = model.denoise_step(noisy, 10, pose, tuple(torch.zeros_like(c) for c in context))
+    for hook in hooks:
+        hook.remove()
+    assert seen and any(n.startswith("up_blocks") for n in seen) and any(n.startswith("mid_block") for n in seen)
+    for name, tokens in seen.items():
+        block, index = name.split(".")[:2]
+        level = levels - 1 if block == "mid_block" else int(index) if block == "down_blocks" else levels - 1 - int(index)
+        assert tokens == sizes[level][0] * sizes[level][1], name
+    torch.testing.assert_close(out, unconditioned)  # zero-initialised attn2 outputs
+    # the routing is rebuilt by from_pretrained (processors are not weights)
+    model.save_pretrained(tmp_path / "model")
+    loaded = RePoseDMModel.from_pretrained(tmp_path / "model")
+    assert {n: p.level for n, p in loaded.unet.attn_processors.items()} == {n: p.level for n, p in model.unet.attn_processors.items()}

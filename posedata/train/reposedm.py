@@ -8,9 +8,11 @@ docs/reposedm-fidelity.md.
   output has 8 channels, the noise and the learned-range variance of Improved DDPM
   (`posedata.train.reposedm_vlb`); loss L_mse + L_vlb.
 - Appearance (sec. 3.2): the warped source features F_S^N of Recurrent Pose Alignment
-  (`posedata.train.reposedm_rpa`) enter every cross-attention of the UNet as h x w tokens
-  through a linear projection (PIDM, the paper's baseline B1, feeds its texture encoder to
-  per-resolution cross-attention the same way).
+  (`posedata.train.reposedm_rpa`) enter the UNet's cross-attention per resolution, as PIDM
+  (the paper's baseline B1) feeds its texture encoder: a small pyramid of stride-2 convs
+  (`TexturePyramid`) gives one token set per UNet level, each projected to the
+  cross-attention width, and every attn2 attends to its own level's set
+  (`LevelAttnProcessor`, set per block by `unet.attn_processors` name).
 - Gradient guidance (sec. 3.3-3.4, eq. 10-16): `posedata.train.reposedm_guidance`, with the
   dataset's own VAE and HigherHRNet, and the target's stored `higherhrnet.pose_features`.
 - Condition dropout (sec. 3.4, supp. sec. 8): p = 10 % of pairs drop the pose AND the source
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from posedata.train.config import PluginOption, Preset, SampleSettings, TrainConfig
@@ -87,9 +90,66 @@ def zero_cross_attention_outputs(unet: UNet2DConditionModel) -> None:
             nn.init.zeros_(module.to_out[0].bias)
 
 
+class TexturePyramid(nn.Module):
+    """F_S^N [B, D, h, w] -> one token set per UNet level, [B, h_l * w_l, cross_dim]: level 0
+    at latent resolution, each further level a stride-2 3x3 conv (padding 1, the sizes of the
+    UNet's own `Downsample2D`) of the one above, each with its own `Linear(D, cross_dim)`
+    (PIDM's texture encoder feeds the map of the same resolution to each attention block)."""
+
+    def __init__(self, dim: int, levels: int, cross_dim: int):
+        super().__init__()
+        self.down = nn.ModuleList(nn.Sequential(nn.SiLU(), nn.Conv2d(dim, dim, 3, stride=2, padding=1)) for _ in range(levels - 1))
+        self.proj = nn.ModuleList(nn.Linear(dim, cross_dim) for _ in range(levels))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        maps = [features]
+        for down in self.down:
+            maps.append(down(maps[-1]))
+        return tuple(proj(m.flatten(2).transpose(1, 2)) for proj, m in zip(self.proj, maps, strict=True))
+
+
+class LevelAttnProcessor(AttnProcessor2_0):
+    """torch SDPA attention whose cross-attention keys / values are the token set of its own
+    UNet level, `texture_tokens[level]` (passed as `cross_attention_kwargs`); `level` None (a
+    self-attention) attends as before. Taking the keyword on every attention keeps diffusers
+    from warning about it on the self-attentions."""
+
+    def __init__(self, level: int | None = None):
+        super().__init__()
+        self.level = level
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 texture_tokens: tuple[torch.Tensor, ...] | None = None, **kwargs: Any) -> torch.Tensor:
+        if self.level is not None and texture_tokens is not None:
+            encoder_hidden_states = texture_tokens[self.level]
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+
+
+def attention_level(name: str, levels: int) -> int | None:
+    """The UNet level (0 = latent resolution) of an attn2 processor name, None for attn1:
+    down_blocks.i at level i, the mid block at the last, up_blocks.j at levels - 1 - j."""
+    if ".attn2." not in name:
+        return None
+    block, index = name.split(".")[:2]
+    if block == "mid_block":
+        return levels - 1
+    if block == "down_blocks":
+        return int(index)
+    if block == "up_blocks":
+        return levels - 1 - int(index)
+    raise ValueError(f"unexpected attention processor {name!r}")
+
+
+def set_level_processors(unet: UNet2DConditionModel) -> None:
+    """Give every attention of `unet` a `LevelAttnProcessor` for its level."""
+    levels = len(unet.config.block_out_channels)
+    unet.set_attn_processor({name: LevelAttnProcessor(attention_level(name, levels)) for name in unet.attn_processors})
+
+
 class RePoseDMModel(PluginModel):
     """UNet [y_t | pose latent] -> [eps | v], the source's appearance through Recurrent Pose
-    Alignment (or B1's plain encoder) and a linear projection into cross-attention."""
+    Alignment (or B1's plain encoder) and a texture pyramid into each level's cross-attention."""
 
     @register_to_config
     def __init__(
@@ -113,7 +173,8 @@ class RePoseDMModel(PluginModel):
             self.rpa = RecurrentPoseAlignment(LATENT_CHANNELS, rpa_dim, rpa_radius, rpa_iterations, rpa_kernels)
         else:
             self.texture_encoder = latent_encoder(LATENT_CHANNELS, rpa_dim)
-        self.context_proj = nn.Linear(rpa_dim, self.unet.config.cross_attention_dim)
+        set_level_processors(self.unet)
+        self.texture_pyramid = TexturePyramid(rpa_dim, len(self.unet.config.block_out_channels), self.unet.config.cross_attention_dim)
 
     def appearance(self, source: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(F_S^N [B, D, h, w], the warped source latent or None for B1)."""
@@ -122,17 +183,22 @@ class RePoseDMModel(PluginModel):
             return features, warped
         return self.texture_encoder(source), None
 
-    def context(self, source: torch.Tensor, pose: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Cross-attention tokens [B, h*w, cross_dim] (zero rows where `keep` is 0) and the warp."""
+    def context(self, source: torch.Tensor, pose: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """One cross-attention token set per UNet level, [B, h_l * w_l, cross_dim] (zero
+        rows where `keep` is 0), and the warp."""
         features, warped = self.appearance(source, pose)
-        tokens = self.context_proj(features.flatten(2).transpose(1, 2))
+        tokens = self.texture_pyramid(features)
         if keep is not None:
-            tokens = tokens * keep.to(tokens.device, tokens.dtype).view(-1, 1, 1)
+            tokens = tuple(t * keep.to(t.device, t.dtype).view(-1, 1, 1) for t in tokens)
         return tokens, warped
 
-    def denoise_step(self, noisy: torch.Tensor, timestep: Any, pose: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """[eps | v] [B, 8, h, w] for noisy latents, the pose latent and the context tokens."""
-        return self.unet(torch.cat([noisy, pose], dim=1), timestep, encoder_hidden_states=context).sample
+    def denoise_step(self, noisy: torch.Tensor, timestep: Any, pose: torch.Tensor, context: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """[eps | v] [B, 8, h, w] for noisy latents, the pose latent and the per-level tokens."""
+        levels = len(self.unet.config.block_out_channels)
+        if len(context) != levels:
+            raise ValueError(f"expected {levels} token sets (one per UNet level), got {len(context)}")
+        return self.unet(torch.cat([noisy, pose], dim=1), timestep, encoder_hidden_states=context[0],
+                         cross_attention_kwargs={"texture_tokens": tuple(context)}).sample
 
     def forward(self, noisy: torch.Tensor, timestep: Any, pose: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None):
         """One training call: (UNet output [B, 8, h, w], warped source latent or None)."""
@@ -299,7 +365,7 @@ class RePoseDMPlugin(UNetPlugin):
             null_std = self.null(NULL_POSE_STD).to(device).expand(bsz, -1, -1, -1)
             null_pose = sample_latent(null_mean, null_std, sf, generator).to(dtype)
             pose = torch.cat([null_pose, pose])
-            context = torch.cat([torch.zeros_like(context), context])
+            context = tuple(torch.cat([torch.zeros_like(c), c]) for c in context)
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return model.denoise_step(x, t, pose, context)
