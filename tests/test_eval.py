@@ -268,9 +268,12 @@ def test_market_frame_adds_the_masked_metrics(tmp_path, fixtures_dir):
     result = run("eval", samples, "--shards", out, "--protocol", "patn", "--weights", "random")
     assert result.exit_code == 0, result.output
     report = json.loads((samples / "metrics.json").read_text())
-    assert list(report["metrics"]) == ["ssim", "mask_ssim"]
+    assert list(report["metrics"]) == ["is", "ssim", "mask_is", "mask_ssim"]
     # off the body both images are zeroed, so masking raises SSIM
     assert report["metrics"]["ssim"] < report["metrics"]["mask_ssim"] < 1
+    # three images cannot fill PATN's 10 splits: no number, a note saying why
+    assert report["metrics"]["is"] is None and report["counted"]["is"] == 3
+    assert any(n.startswith("is: needs at least 10 images") for n in report["notes"])
     result = run("eval", samples, "--shards", out, "--protocol", "gfla", "--metrics", "lpips,mask_lpips", "--weights", "random")
     assert result.exit_code == 0, result.output
     report = json.loads((samples / "metrics.json").read_text())
@@ -297,3 +300,47 @@ def test_eval_reads_what_posedata_sample_writes(tmp_path, fixtures_dir):
     assert report["n_pairs"] == 3
     assert all(report["metrics"][m] is not None and np.isfinite(report["metrics"][m]) for m in ("ssim", "psnr", "lpips", "fid"))
     assert (out / "metrics_sheet.png").is_file()
+
+
+def test_patn_inception_scores_are_finite_and_mask_is_uses_mask_ssims_mask():
+    """IS and mask-IS logits with random weights; mask-IS scores the generated files
+    multiplied by the same body mask as mask-SSIM."""
+    from posedata.eval import metrics as M
+    from posedata.eval import run as eval_run
+    from posedata.eval.networks import FidNetwork
+    from posedata.eval.protocol import create_protocol
+
+    proto = create_protocol("patn", (128, 64))
+    measure = eval_run.PairMeasures(proto, ["is", "mask_is", "mask_ssim"], "random", 0, "cpu")
+    rng = np.random.default_rng(0)
+    files = [(rng.integers(0, 256, (128, 64, 3), dtype=np.uint8), rng.integers(0, 256, (128, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    ys = [15, 28, 28, 45, 60, 28, 45, 60, 65, 90, 115, 65, 90, 115, 12, 12, 14, 14]
+    xs = [32, 32, 22, 18, 16, 42, 46, 48, 26, 26, 26, 38, 38, 38, 29, 35, 26, 38]
+    targets = [{"image": t, "keypoints_annotated.keypoints": [[x + i, y, 1.0] for x, y in zip(xs, ys)]} for i, (_, t) in enumerate(files)]
+    masks = measure.masks(files, targets)
+    logits = measure.class_logits(files, masks, ["is", "mask_is"])
+    assert logits["is"].shape == (4, 1008) and np.isfinite(logits["is"]).all()
+    # the reference: the files masked by hand with the masks mask-SSIM uses, through the TF Inception
+    net = FidNetwork("tf", "random", seed=0)
+    by_hand = net.class_logits(net.features([(g * m[..., None]).astype(np.float32) / 255 for (g, _), m in zip(files, masks)]))
+    np.testing.assert_allclose(logits["mask_is"], by_hand, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(logits["mask_is"], logits["is"])
+    for name in ("is", "mask_is"):
+        score, spread = M.inception_score(logits[name], splits=2)
+        assert np.isfinite(score) and 1.0 <= score <= 2.0 and np.isfinite(spread)
+
+
+def test_patn_default_run_reports_a_finite_inception_score(dataset, tmp_path):
+    """PATN's default metrics on DeepFashion are IS and SSIM: ten generated images (PATN's
+    ten splits, one image each) with random weights give a finite score of at least 1."""
+    images = stored_images(dataset)
+    keys = sorted(images)
+    pairs = [(source, target, noisy(images[target], 10, i)) for i, (source, target) in enumerate((s, t) for s in keys for t in keys if s != t)][:10]
+    samples = write_samples(tmp_path / "samples", pairs)
+    result = run("eval", samples, "--shards", dataset, "--protocol", "patn", "--weights", "random", "--split", "train")
+    assert result.exit_code == 0, result.output
+    report = json.loads((samples / "metrics.json").read_text())
+    assert list(report["metrics"]) == ["is", "ssim"] and report["counted"]["is"] == 10
+    assert np.isfinite(report["metrics"]["is"]) and report["metrics"]["is"] >= 1.0
+    assert any(n.startswith("is: mean of 10 splits, std 0.0000") for n in report["notes"])  # one image a split: KL 0
+    assert "10 splits" in report["settings"]["inception_score"]

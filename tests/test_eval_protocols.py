@@ -95,7 +95,7 @@ def test_patn_pads_40_white_columns_each_side_and_measures_uint8(photo):
     assert p.generated_file(photo, truth.shape[:2]).shape == (256, 256, 3)  # 512x352 -> 256x176 -> padded
     gen, tru = p.ssim_inputs(truth, truth)
     assert gen.dtype == np.uint8
-    assert p.metrics == ("ssim",) and p.ssim_sigma == 1.5
+    assert p.metrics == ("is", "ssim") and p.ssim_sigma == 1.5
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -185,3 +185,63 @@ def test_fid_reference_fingerprint_follows_protocol_network_weights_and_resoluti
     card = create_extractor("fid_ref:pidm", weights="random", resolution=(256, 176)).card()
     assert card["outputs"] == {"pool.npy": {"dtype": "float32", "shape": [2048], "description": card["outputs"]["pool.npy"]["description"]}}
     assert card["fingerprint_inputs"]["protocol"]["fid_batch"] == 64
+
+
+def reference_inception_score(preds: np.ndarray, splits: int) -> tuple[float, float]:
+    """Written from OpenAI's `inception_score.py` (PATN's tool/inception_score.py), on softmax
+    predictions."""
+    scores = []
+    for i in range(splits):
+        part = preds[(i * preds.shape[0] // splits) : ((i + 1) * preds.shape[0] // splits), :]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_inception_score_of_known_predictions():
+    # uniform predictions: no information, IS 1
+    assert M.inception_score(np.zeros((20, 1008)), splits=10) == pytest.approx((1.0, 0.0))
+    # confident predictions of distinct classes: IS = the number of classes in each split
+    one_hot = np.full((40, 1008), -1e4)
+    one_hot[np.arange(40), np.arange(40)] = 0.0
+    assert M.inception_score(one_hot, splits=10) == pytest.approx((4.0, 0.0))
+    assert M.inception_score(one_hot, splits=1) == pytest.approx((40.0, 0.0))
+    # any logits: the script's numbers, splits cut at i * N // splits (N = 23 is uneven)
+    logits = np.random.default_rng(0).normal(0, 3, (23, 1008))
+    preds = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(M.inception_score(logits, splits=10), reference_inception_score(preds, 10), rtol=1e-10)
+    with pytest.raises(ValueError, match="at least 10 images"):
+        M.inception_score(logits[:9], splits=10)
+
+
+def test_inception_score_logits_are_the_tf_inceptions_classifier_without_bias():
+    from posedata.eval.networks import FidNetwork
+
+    net = FidNetwork("tf", "random", seed=3)
+    assert net.classifier.out_features == 1008
+    x = torch.rand(2, 3, 64, 44)
+    with torch.no_grad():
+        pool = net(x)
+    expected = pool.double() @ net.classifier.weight.double().T
+    np.testing.assert_allclose(net.class_logits(pool.numpy()), expected.numpy(), rtol=1e-10)
+    with pytest.raises(ValueError, match="TF Inception"):
+        FidNetwork("torchvision", "random", seed=3).class_logits(pool.numpy())
+
+
+def test_inception_score_classifier_loads_from_the_tf_weight_file(tmp_path, monkeypatch):
+    """The pretrained path: pytorch-fid's TF Inception weight file (saved here with random
+    weights under its real name) gives both FID's pool features and IS's 1008-way weights."""
+    from pytorch_fid.inception import fid_inception_v3
+
+    from posedata.eval.networks import WEIGHT_FILES, FidNetwork, _no_download  # the architecture, no weights
+
+    with _no_download():
+        torch.manual_seed(5)
+        full = fid_inception_v3()
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(full.state_dict(), checkpoints / WEIGHT_FILES["tf_inception"])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    net = FidNetwork("tf", "pretrained")
+    assert torch.equal(net.classifier.weight, full.fc.weight)
+    assert torch.equal(net.inception.blocks[0][0].conv.weight, full.Conv2d_1a_3x3.conv.weight)

@@ -1,5 +1,6 @@
 """The metric library calls, once: scikit-image for SSIM and PSNR, `lpips` for LPIPS,
-pytorch-fid's Frechet distance for FID. A protocol decides what goes in (see protocol.py).
+pytorch-fid's Frechet distance for FID, and the Inception Score (no library computes it
+as the papers' script did, so it is written here). A protocol decides what goes in (see protocol.py).
 
 scikit-image's SSIM is the one the scripts call; torchmetrics' differs by up to 0.013 on
 these images (it pads the border instead of cropping it) and its PSNR pools the squared
@@ -77,3 +78,26 @@ def frechet_distance(generated: np.ndarray, reference: np.ndarray) -> float:
     tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((gram + gram.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
+    """OpenAI's `get_inception_score` (improved-GAN `inception_score.py`, copied by PATN):
+    softmax of each image's logits; the images, in order, cut into `splits` parts at
+    `i * N // splits`; per part `exp(mean_i KL(p_i || mean p))`; the mean and std of those.
+    Log-probabilities are taken with log-softmax in float64, so a class with probability 0
+    adds 0 (where `p * log p` of the script would give NaN)."""
+    logits = np.asarray(logits, np.float64)
+    n = len(logits)
+    if splits < 1 or n < splits:
+        raise ValueError(f"the Inception Score needs at least {splits} images for {splits} splits, got {n}")
+    log_p = logits - logits.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    scores = []
+    for i in range(splits):
+        part = log_p[i * n // splits : (i + 1) * n // splits]
+        p = np.exp(part)
+        with np.errstate(divide="ignore", invalid="ignore"):  # a class of probability 0 throughout adds 0
+            log_marginal = np.log(p.mean(axis=0, keepdims=True))
+            kl = np.where(p > 0, p * (part - log_marginal), 0.0).sum(axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))

@@ -130,16 +130,20 @@ class FidNetwork(torch.nn.Module):
         check_weights(weights)
         self.kind = kind
         tf = kind == "tf"
-        if weights == "pretrained":
-            weight_file("tf_inception" if tf else "inception")  # the library loads it from the hub cache
-            self.inception = InceptionV3([3], resize_input=True, normalize_input=tf, use_fid_inception=tf)
-        else:
-            torch.manual_seed(seed)
-            with _no_download():
+        with _keep_tf_classifier() as kept:
+            if weights == "pretrained":
+                weight_file("tf_inception" if tf else "inception")  # the library loads it from the hub cache
                 self.inception = InceptionV3([3], resize_input=True, normalize_input=tf, use_fid_inception=tf)
-            for m in self.inception.modules():  # He init: activations keep their scale through 94 layers
-                if isinstance(m, torch.nn.Conv2d):
-                    torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            else:
+                torch.manual_seed(seed)
+                with _no_download():
+                    self.inception = InceptionV3([3], resize_input=True, normalize_input=tf, use_fid_inception=tf)
+                for m in self.inception.modules():  # He init: activations keep their scale through 94 layers
+                    if isinstance(m, torch.nn.Conv2d):
+                        torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        # The TF Inception's 1008-way classifier (in the same weight file; pytorch-fid drops it
+        # after loading): the Inception Score's logits. None for the torchvision kind.
+        self.classifier = kept[0].fc if kept else None
         self.register_buffer("scale", torch.tensor([s / 0.5 for s in IMAGENET_STD]).view(1, 3, 1, 1))
         self.register_buffer("shift", torch.tensor([(m - 0.5) / 0.5 for m in IMAGENET_MEAN]).view(1, 3, 1, 1))
         self.eval().requires_grad_(False)
@@ -157,6 +161,33 @@ class FidNetwork(torch.nn.Module):
             with torch.no_grad():
                 out.append(self(batch.to(device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
+
+    def class_logits(self, features: np.ndarray) -> np.ndarray:
+        """Pool features [N, 2048] -> the TF Inception's 1008 class logits, float64.
+
+        As the Inception Score script every paper copies (OpenAI's `inception_score.py`):
+        `matmul(pool_3, W)` with the weight of `softmax/logits/MatMul`, no bias."""
+        if self.classifier is None:
+            raise ValueError("class logits need the TF Inception (kind='tf'); the torchvision kind keeps no classifier")
+        weight = self.classifier.weight.detach().double().cpu().numpy()
+        return np.asarray(features, np.float64) @ weight.T
+
+
+@contextlib.contextmanager
+def _keep_tf_classifier() -> Iterator[list[torch.nn.Module]]:
+    """Keep the full TF Inception pytorch-fid builds (and loads) inside `InceptionV3`, whose
+    `fc` it would otherwise discard: one loader for FID's pool features and IS's logits."""
+    import pytorch_fid.inception as pfi
+
+    kept: list[torch.nn.Module] = []
+    original = pfi.fid_inception_v3
+
+    def keeping(*args, **kwargs):
+        kept.append(original(*args, **kwargs))
+        return kept[-1]
+
+    with mock.patch.object(pfi, "fid_inception_v3", keeping):
+        yield kept
 
 
 @contextlib.contextmanager

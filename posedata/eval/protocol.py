@@ -37,7 +37,9 @@ REGISTRY: dict[str, str] = {
 
 # Numbers a protocol can define. fid_tf is the standard TF-Inception FID (pytorch-fid's
 # default network) on the protocol's FID images: the number many newer papers report.
-METRICS = ("ssim", "psnr", "lpips", "fid", "fid_tf", "mask_ssim", "mask_lpips")
+# is / mask_is: the Inception Score (TF Inception's 1008-class softmax) of the generated
+# images, and of them masked by the target's body as for mask_ssim (PATN).
+METRICS = ("ssim", "psnr", "lpips", "fid", "fid_tf", "mask_ssim", "mask_lpips", "is", "mask_is")
 
 
 class Protocol:
@@ -54,6 +56,7 @@ class Protocol:
     lpips_batch: ClassVar[int | None] = None
     fid_batch: ClassVar[int | None] = None
     fid_reference: ClassVar[str] = ""  # what the paper's FID reference set was
+    inception_splits: ClassVar[int] = 10  # the Inception Score's splits (OpenAI's default)
 
     def __init__(self, stored: tuple[int, int]):
         self.stored = (int(stored[0]), int(stored[1]))
@@ -89,6 +92,11 @@ class Protocol:
     def fid_input(self, file: np.ndarray) -> np.ndarray:
         """One image as the script fed the Inception network, [0, 1] float32 HxWx3 (the
         network then resizes to 299 x 299 bilinearly and applies its own scaling)."""
+        return scaled(file, 1.0)
+
+    def inception_score_input(self, file: np.ndarray) -> np.ndarray:
+        """One generated file as the Inception Score script fed the TF Inception, [0, 1]
+        float32 HxWx3 (the network resizes to 299 x 299 bilinearly and scales to [-1, 1])."""
         return scaled(file, 1.0)
 
     def masked(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:

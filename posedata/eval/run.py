@@ -42,8 +42,9 @@ SHEET_FILE = "metrics_sheet.png"
 POSE = ("keypoints_annotated", "openpose")  # the target pose the body masks are drawn from
 CHUNK = 32  # pairs measured together (LPIPS and Inception batches)
 FID_KINDS = {"fid": "torchvision", "fid_tf": "tf"}
-WEIGHT_ROLES = {"lpips": "alexnet", "mask_lpips": "alexnet", "fid": "inception", "fid_tf": "tf_inception"}
-HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mask_ssim": True, "lpips": False, "mask_lpips": False, "fid": False, "fid_tf": False}
+INCEPTION_SCORES = ("is", "mask_is")  # from the TF Inception's class logits of the generated images
+WEIGHT_ROLES = {"lpips": "alexnet", "mask_lpips": "alexnet", "fid": "inception", "fid_tf": "tf_inception", "is": "tf_inception", "mask_is": "tf_inception"}
+HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "mask_ssim": True, "lpips": False, "mask_lpips": False, "fid": False, "fid_tf": False, "is": True, "mask_is": True}
 
 
 class EvalError(PosedataError):
@@ -94,6 +95,7 @@ def evaluate(
     measure = PairMeasures(proto, wanted, weights, seed, device)
     per_pair: list[dict[str, Any]] = [dict(p) for p in pairs]
     features = {name: [None] * len(pairs) for name in references}
+    logits = {name: [None] * len(pairs) for name in INCEPTION_SCORES if name in wanted}
     by_shard: dict[str, list[int]] = {}
     for i, p in enumerate(pairs):
         by_shard.setdefault(located[p["target_key"]][0], []).append(i)
@@ -108,11 +110,15 @@ def evaluate(
             for at in range(0, len(by_shard[shard]), CHUNK):
                 chunk = by_shard[shard][at : at + CHUNK]
                 files = [measure.files(targets[pairs[i]["target_key"]], samples_dir_path / pairs[i]["file"]) for i in chunk]
-                for i, values in zip(chunk, measure.per_pair(files, [targets[pairs[i]["target_key"]] for i in chunk])):
+                masks = measure.masks(files, [targets[pairs[i]["target_key"]] for i in chunk])
+                for i, values in zip(chunk, measure.per_pair(files, masks)):
                     per_pair[i].update(values)
                 for name, rows in measure.fid_features(files, list(references)).items():
                     for i, row in zip(chunk, rows):
                         features[name][i] = row
+                for name, rows in measure.class_logits(files, masks, list(logits)).items():
+                    for i, row in zip(chunk, rows):
+                        logits[name][i] = row
                 bar.update(len(chunk))
 
     results: dict[str, Any] = {}
@@ -136,6 +142,15 @@ def evaluate(
         else:
             results[name] = M.frechet_distance(mine, reference)
         notes.append(f"{name}: reference features/{folder} (split {reference_split})")
+    splits = proto.inception_splits
+    for name, rows in logits.items():
+        counted[name] = len(rows)  # every generated image, in sorted file order
+        if len(rows) < splits:
+            results[name] = None
+            notes.append(f"{name}: needs at least {splits} images for its {splits} splits (have {len(rows)})")
+        else:
+            results[name], spread = M.inception_score(np.stack(rows), splits)
+            notes.append(f"{name}: mean of {splits} splits, std {spread:.4f}")
     for name, value in results.items():
         if isinstance(value, float) and not math.isfinite(value):
             notes.append(f"{name} is {value} (a sample identical to its ground truth has infinite PSNR): written as null")
@@ -159,23 +174,29 @@ def evaluate(
 
 class PairMeasures:
     """The per-pair work of one evaluation: the protocol's files for a pair, then SSIM,
-    PSNR, LPIPS (batched) and the FID features of the generated images, with the networks
-    built once."""
+    PSNR, LPIPS (batched), the FID features and the Inception Score logits of the generated
+    images, with the networks built once."""
 
     def __init__(self, proto: Protocol, wanted: list[str], weights: str, seed: int, device: str):
         self.proto, self.wanted = proto, wanted
         self.masked = any(m.startswith("mask_") for m in wanted)
         self.lpips = lpips_network(weights, seed, device) if {"lpips", "mask_lpips"} & set(wanted) else None
         self.fid = {name: FidNetwork(kind, weights, seed).to(device) for name, kind in FID_KINDS.items() if name in wanted}
+        self.tf_inception = None  # the Inception Score's network: fid_tf's when both are wanted
+        if set(INCEPTION_SCORES) & set(wanted):
+            self.tf_inception = self.fid.get("fid_tf") or FidNetwork("tf", weights, seed).to(device)
 
     def files(self, target: dict[str, Any], generated_path: Path) -> tuple[np.ndarray, np.ndarray]:
         """(generated, truth) as the protocol's script read them."""
         truth = self.proto.truth_file(target["image"])
         return self.proto.generated_file(read_generated(generated_path), truth.shape[:2]), truth
 
-    def per_pair(self, files: list[tuple[np.ndarray, np.ndarray]], targets: list[dict[str, Any]]) -> list[dict[str, float]]:
+    def masks(self, files: list[tuple[np.ndarray, np.ndarray]], targets: list[dict[str, Any]]) -> list[np.ndarray] | None:
+        """The target's body mask for each pair (one for mask-SSIM, mask-LPIPS and mask-IS)."""
+        return [target_mask(t, truth.shape[:2]) for t, (_, truth) in zip(targets, files)] if self.masked else None
+
+    def per_pair(self, files: list[tuple[np.ndarray, np.ndarray]], masks: list[np.ndarray] | None) -> list[dict[str, float]]:
         p, out = self.proto, [{} for _ in files]
-        masks = [target_mask(t, truth.shape[:2]) for t, (_, truth) in zip(targets, files)] if self.masked else None
         for i, (g, t) in enumerate(files):
             if "ssim" in self.wanted:
                 out[i]["ssim"] = M.ssim(*p.ssim_inputs(g, t), sigma=p.ssim_sigma)
@@ -197,6 +218,16 @@ class PairMeasures:
     def fid_features(self, files: list[tuple[np.ndarray, np.ndarray]], names: list[str]) -> dict[str, np.ndarray]:
         inputs = [self.proto.fid_input(g) for g, _ in files] if names else []
         return {name: self.fid[name].features(inputs) for name in names}
+
+    def class_logits(self, files: list[tuple[np.ndarray, np.ndarray]], masks: list[np.ndarray] | None, names: list[str]) -> dict[str, np.ndarray]:
+        """The TF Inception's 1008 class logits of each generated file (`is`) and of it
+        masked by the target's body (`mask_is`, PATN multiplies the uint8 file by the mask)."""
+        out = {}
+        for name in names:
+            generated = [g if name == "is" else self.proto.masked(g, m) for (g, _), m in zip(files, masks or [None] * len(files))]
+            pool = self.tf_inception.features([self.proto.inception_score_input(g) for g in generated])
+            out[name] = self.tf_inception.class_logits(pool)
+        return out
 
 
 def draw_sheet(dataset: Dataset, measure: PairMeasures, per_pair: list[dict[str, Any]], samples_dir: Path, count: int, located) -> Path:
