@@ -503,7 +503,7 @@ def sample_pcdm(shards, out, storage_options, stage_settings, **kw) -> None:
 @click.argument("samples_dir")
 @click.option("--shards", required=True, help="The dataset the samples were made from (its stored images are the ground truth).")
 @click.option("--protocol", type=click.Choice(["pcdms", "cfld", "pidm", "gfla", "patn"]), default="pcdms", show_default=True, help="Whose official metric script to follow (see the README: numbers of different protocols are not comparable).")
-@click.option("--metrics", default=None, help="Comma-separated: ssim,psnr,lpips,fid,fid_tf,mask_ssim,mask_lpips (default: what the protocol's papers report, plus fid_tf when the dataset has its reference).")
+@click.option("--metrics", default=None, help="Comma-separated: ssim,psnr,lpips,fid,fid_tf,mask_ssim,mask_lpips,is,mask_is (default: what the protocol's papers report, plus fid_tf when the dataset has its reference).")
 @click.option("--weights", type=click.Choice(["pretrained", "random"]), default="pretrained", show_default=True, help="pretrained: LPIPS / Inception weight files from $TORCH_HOME/hub/checkpoints (never downloaded); random: seeded random networks (tests, CI).")
 @click.option("--split", default="test", show_default=True, help="The split every target must be in.")
 @click.option("--reference-split", default="train", show_default=True, help="The split whose fid_ref features are FID's reference.")
