@@ -8,10 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from posedata.cli import main as cli_main
 from posedata.extractors.vae import TINY_CONFIG as TINY_VAE
 from posedata.reader import Dataset, PairStream
 from posedata.render import draw_openpose
@@ -26,13 +24,8 @@ SD21_UNET_PARAMS = 865_910_724  # stabilityai/stable-diffusion-2-1-base unet
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, fixtures_dir):
-    out = tmp_path_factory.mktemp("pcdm-inpaint") / "ds"
-    args = ["build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", f"{H}x{W}",
-            "--weights", "tiny", "--executor", "local", "--features", "openpose,clip,vae:sd21,dinov2:giant"]
-    result = CliRunner().invoke(cli_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def dataset(tiny_dataset):
+    return tiny_dataset(res=(H, W), features="openpose,clip,vae:sd21,dinov2:giant")
 
 
 @pytest.fixture(scope="module")
