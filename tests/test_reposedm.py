@@ -26,13 +26,8 @@ h, w = H // 8, W // 8
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, fixtures_dir):
-    out = tmp_path_factory.mktemp("reposedm") / "ds"
-    args = ["build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", f"{H}x{W}",
-            "--weights", "tiny", "--executor", "local", "--preset", "reposedm"]
-    result = CliRunner().invoke(cli_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def dataset(tiny_dataset):
+    return tiny_dataset(res=(H, W), preset="reposedm")
 
 
 @pytest.fixture(scope="module")
