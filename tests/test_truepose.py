@@ -29,13 +29,8 @@ SD15_UNET_PARAMS = 859_520_964  # stable-diffusion-v1-5 unet
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, fixtures_dir):
-    out = tmp_path_factory.mktemp("truepose") / "ds"
-    args = ["build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", f"{H}x{W}",
-            "--weights", "tiny", "--executor", "local", "--preset", "truepose"]
-    result = CliRunner().invoke(cli_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def dataset(tiny_dataset):
+    return tiny_dataset(res=(H, W), preset="truepose")
 
 
 @pytest.fixture(scope="module")
