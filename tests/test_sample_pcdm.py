@@ -19,11 +19,9 @@ def run(*args: str):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, fixtures_dir) -> tuple[Path, dict[str, Path]]:
+def trained(tmp_path_factory, tiny_dataset) -> tuple[Path, dict[str, Path]]:
     root = tmp_path_factory.mktemp("sample")
-    ds = root / "ds"
-    result = run("build", "folder", "--root", fixtures_dir / "deepfashion", "--out", ds, "--res", "x".join(map(str, RES)), "--weights", "tiny", "--executor", "local", "--features", "openpose,clip,vae:sd21,dinov2:giant")
-    assert result.exit_code == 0, result.output
+    ds = tiny_dataset(res=RES, features="openpose,clip,vae:sd21,dinov2:giant")
     runs = {}
     for stage in ("prior", "inpaint", "refine"):
         runs[stage] = root / stage
