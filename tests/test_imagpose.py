@@ -37,23 +37,14 @@ from posedata.train.unet import SD15_UNET_CONFIG, tiny_unet_config
 GROUP_REGEX = "(?P<group>patn|pcdms)"
 
 
-def build(tmp_path_factory, fixtures_dir, res: str):
-    out = tmp_path_factory.mktemp(f"imagpose{res}") / "ds"
-    args = ["build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", res, "--weights", "tiny",
-            "--executor", "local", "--preset", "imagpose", "--group-regex", GROUP_REGEX]
-    result = CliRunner().invoke(cli_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+@pytest.fixture(scope="module")
+def ds256(tiny_dataset):
+    return tiny_dataset(res=(256, 176), preset="imagpose", group_regex=GROUP_REGEX)
 
 
 @pytest.fixture(scope="module")
-def ds256(tmp_path_factory, fixtures_dir):
-    return build(tmp_path_factory, fixtures_dir, "256x176")
-
-
-@pytest.fixture(scope="module")
-def ds512(tmp_path_factory, fixtures_dir):
-    return build(tmp_path_factory, fixtures_dir, "512x352")
+def ds512(tiny_dataset):
+    return tiny_dataset(res=(512, 352), preset="imagpose", group_regex=GROUP_REGEX)
 
 
 def with_pose(sample: dict, seed: int) -> dict:
