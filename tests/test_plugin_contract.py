@@ -25,7 +25,7 @@ from posedata.train.run import run_training
 from posedata.train.sample import trained_with
 from posedata.train.trainer import load_model_weights
 
-RES = "128x96"  # latents 16 x 12: room for every plugin's tiny model
+RES = (128, 96)  # latents 16 x 12: room for every plugin's tiny model
 STEPS, HALF = 16, 8
 
 
@@ -35,22 +35,9 @@ def feature_specs(name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def datasets(tmp_path_factory, fixtures_dir):
+def datasets(tiny_dataset):
     """A tiny dataset per feature set, built once (the PCDMs stages share one)."""
-    built: dict[tuple[str, ...], Path] = {}
-
-    def dataset(name: str) -> Path:
-        specs = tuple(feature_specs(name))
-        if specs not in built:
-            out = tmp_path_factory.mktemp("contract") / "ds"
-            args = ["build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", RES, "--weights", "tiny",
-                    "--executor", "local", "--features", ",".join(specs)]
-            result = CliRunner().invoke(cli, args, catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-            built[specs] = out
-        return built[specs]
-
-    return dataset
+    return lambda name: tiny_dataset(res=RES, features=",".join(feature_specs(name)))
 
 
 def losses(run: Path) -> list[float]:
