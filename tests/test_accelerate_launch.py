@@ -20,9 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from posedata.cli import main as cli_main
 from posedata.reader import Dataset, PairStream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,13 +54,8 @@ TRACED_CLI = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory, fixtures_dir) -> Path:
-    out = tmp_path_factory.mktemp("launch") / "ds"
-    args = ["build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", "64x48",
-            "--weights", "tiny", "--executor", "local", "--features", "openpose,clip"]
-    result = CliRunner().invoke(cli_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def dataset(tiny_dataset) -> Path:
+    return tiny_dataset(features="openpose,clip")
 
 
 def free_port() -> int:

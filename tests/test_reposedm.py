@@ -174,7 +174,7 @@ def test_paper_size_model():
     assert model.rpa.iterations == 5 and model.rpa.kernels == (0, 9, 5, 3, 3, 3)
 
 
-def test_frozen_networks_are_rebuilt_from_the_card_in_any_storage_dtype(data, tmp_path, fixtures_dir):
+def test_frozen_networks_are_rebuilt_from_the_card_in_any_storage_dtype(data, tiny_dataset):
     """The guidance's VAE and HigherHRNet (and `posedata sample`'s decoding VAE) are the
     dataset's own: rebuilt from the card with its dtype, fingerprint checked."""
     from posedata.train.plugin import rebuild_extractor
@@ -183,9 +183,7 @@ def test_frozen_networks_are_rebuilt_from_the_card_in_any_storage_dtype(data, tm
     ds, _ = data
     for need in ("vae:sd15", "higherhrnet", "pose_latent:sd15"):
         assert rebuild_extractor(ds.card, need, "test").folder == ds.column(need).folder
-    out = tmp_path / "bf16"
-    cli("build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", f"{H}x{W}", "--weights", "tiny",
-        "--executor", "local", "--features", "vae:sd15", "--dtype", "bf16")
+    out = tiny_dataset(res=(H, W), features="vae:sd15", dtype="bf16")
     assert dataset_vae(Dataset(str(out)), "vae:sd15", "cpu").config.latent_channels == 4
     with pytest.raises(ValueError, match="no 'clip' feature"):
         rebuild_extractor(ds.card, "clip", "test")

@@ -22,9 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from click.testing import CliRunner
 
-from posedata.cli import main as cli_main
 from posedata.layout import DatasetLocation
 from posedata.reader import Dataset, PairStream, ShardError
 from posedata.shards import decode_array, encode_array, tar_bytes
@@ -34,16 +32,8 @@ SHARDS = {"train-000000": ["patn_women1_176x256", "patn_women2_176x256"], "train
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, fixtures_dir) -> Path:
-    out = tmp_path_factory.mktemp("verify") / "ds"
-    args = [
-        "build", "folder", "--root", str(fixtures_dir / "deepfashion"), "--out", str(out), "--res", "64x48",
-        "--weights", "tiny", "--executor", "local", "--features", "openpose,clip,vae:sd21", "--shard-size", "2",
-        "--group-regex", r"^([a-z]+)_",
-    ]
-    result = CliRunner().invoke(cli_main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return out
+def built(tiny_dataset) -> Path:
+    return tiny_dataset(features="openpose,clip,vae:sd21", shard_size=2, group_regex=r"^([a-z]+)_")
 
 
 @pytest.fixture
