@@ -390,6 +390,7 @@ def main() -> None:
     )
     parser.add_argument("--entries", default="both", choices=("each", "full", "both"), help="end-to-end builds of each feature alone, of the full set, or both")
     parser.add_argument("--no-scaling", action="store_true", help="skip the --workers 2 vs 1 builds")
+    parser.add_argument("--no-bracket", action="store_true", help="skip the second model-only run after the builds")
     parser.add_argument(
         "--scaling-features",
         default=None,
@@ -445,19 +446,8 @@ def main() -> None:
         models = model_only(all_specs, samples, config(root, all_specs), args.device)
 
         started = time.perf_counter()
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=True,
-            logging_level=logging.WARNING,
-        )
+        posedata.pipeline.init_ray(None)  # the embedded Ray `posedata build` starts
         ray_start = time.perf_counter() - started
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False
-        context.issue_detectors_config.detectors = []  # memory hints, printed every 30 s
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
         resources = ray.cluster_resources()
 
         each = [(spec, dependency_order([spec])) for spec in specs] if args.entries in ("each", "both") else []
@@ -533,6 +523,21 @@ def main() -> None:
                 "  " + json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k not in ("extractors", "batch_size", "timed_build")}),
                 flush=True,
             )
+
+        if rows and not args.no_bracket:
+            # Model-only again, after the builds: on a shared machine the load changes over
+            # the minutes between the two, so each build is compared with the mean of the
+            # model-only runs before and after it.
+            print(f"model-only again: {len(all_specs)} extractors", flush=True)
+            after = model_only(all_specs, samples, config(root, all_specs), args.device)
+            result["model_only_after"] = after
+            for row in rows:
+                before_rate = row["model_only_images_per_s"]
+                after_rate = model_bound(after, row["extractors"], resources)["model_only_images_per_s"]
+                row.update(model_only_before_images_per_s=before_rate, model_only_after_images_per_s=after_rate,
+                           model_only_images_per_s=(before_rate + after_rate) / 2)
+                row["efficiency"] = row["e2e_images_per_s"] / row["model_only_images_per_s"]
+            out.write_text(json.dumps(result, indent=2) + "\n")
 
         if not args.no_scaling:
             chain = dependency_order([f.strip() for f in args.scaling_features.split(",")]) if args.scaling_features else all_specs
@@ -610,6 +615,8 @@ def markdown(result: dict) -> str:
         batch = ", ".join(str(b) for b in dict.fromkeys(row["batch_size"].values()))
         name = row["feature"] + (" (" + " + ".join(row["extractors"]) + ")" if len(row["extractors"]) > 1 and row["feature"] != "full set" else "")
         bound = "" if row["model_only_bound"] == "sequential" else f" ({row['model_only_bound']}; one after the other {row['model_only_sequential_images_per_s']:.2f})"
+        if "model_only_after_images_per_s" in row:
+            bound += f" (mean of {row['model_only_before_images_per_s']:.2f} before and {row['model_only_after_images_per_s']:.2f} after the builds)"
         actor = ", ".join(fmt(timed["actor_images_per_s"].get(e)) for e in row["extractors"])
         wall = f"{fmt(row.get('e2e_wall_images_per_s'), 2)} ({row['cli_wall_seconds']:.0f} s)" if "cli_wall_seconds" in row else ""
         lines.append(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from posedata.errors import PosedataError
 from posedata.extractors import create_extractor
 from posedata.extractors.base import NOTES, Extractor, ExtractorError, Sample
 from posedata.images import decode_jpeg_rgb
@@ -183,7 +184,7 @@ def micro_batches(inputs: Rows, size: int) -> list[Rows]:
 
 class Progress:
     """posedata's own progress lines for a job (Ray's are off unless --verbose): shards
-    written / total, images through the models, images/s, ETA and rejects so far. A line at
+    written / total, images processed, images/s, ETA and rejects so far. A line at
     most every `interval` seconds, and a last one at the end; a background thread keeps
     printing while nothing finishes (a first model load can take minutes)."""
 
@@ -234,7 +235,7 @@ class Progress:
     def line(self) -> str:
         now = time.monotonic()
         elapsed = now - self.started
-        parts = [f"{self.shards_done}/{self.shards} shards written", f"{self.extracted:,}/{self.images:,} images through the models"]
+        parts = [f"{self.shards_done}/{self.shards} shards written", f"{self.extracted:,}/{self.images:,} images processed"]
         if self.extracted and self.first_batch is not None:
             # The rate since the start (model loading included): what the user waits for.
             rate = self.extracted / elapsed
@@ -426,7 +427,8 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
                     decoded = prepare.options(scheduling_strategy=strategy).remote(prepare_ref, pack_rows(groups[i]))
                     running[workers[w].run.remote(decoded)] = (i, w)
                     busy[w] += 1
-                ready, _ = ray.wait([*running, *writes, *node_calls], num_returns=1, timeout=1.0)
+                # fetch_local=False: a worker's outputs go to the write task, never to the driver's node
+                ready, _ = ray.wait([*running, *writes, *node_calls], num_returns=1, timeout=1.0, fetch_local=False)
                 for ref in ready:
                     if ref in node_calls:
                         nodes[node_calls.pop(ref)] = ray.get(ref)
@@ -444,7 +446,14 @@ def run_with_ray(job: Job, echo: Callable[[str], None]) -> list[dict[str, Any]]:
                         writes.remove(ref)
                         results.append(ray.get(ref))
                         progress.shard_done(results[-1])
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, PosedataError):  # a user-fixable problem in a task: its one line, not Ray's wrapping
+            raise e.cause from None
+        raise
     except ray.exceptions.RayActorError as e:
+        cause = getattr(getattr(e, "cause", None), "cause", None)  # the exception of the worker's constructor, if that was it
+        if isinstance(cause, PosedataError):
+            raise cause from None
         raise RuntimeError(f"a Ray worker holding the models failed: {e}") from None
     finally:
         for worker in workers:
@@ -465,5 +474,9 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     else:
         # "local": start our own Ray. Without it ray.init joins the cluster that the last
         # `ray start` on this machine recorded (/tmp/ray/ray_current_cluster) and then
-        # refuses num_cpus; joining a cluster is what --address is for.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=verbose, configure_logging=True, logging_level=level)
+        # refuses num_cpus; joining a cluster is what --address is for. Worker niceness 0:
+        # Ray starts its workers at nice 15, so on a machine shared with anything else they
+        # yield to it (measured: two workers got one core between them beside one busy
+        # process, while the local executor, at nice 0, got its core); the workers are the job.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=verbose, configure_logging=True, logging_level=level,
+                 _system_config={"worker_niceness": 0})

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,11 @@ class Column:
     folder: str
     suffixes: tuple[str, ...]
 
+    def only(self, outputs: Sequence[str]) -> Column:
+        """The column with just the named outputs (`keypoints` for `keypoints.npy`); outputs
+        the feature does not have are ignored (an optional one, such as `hands`)."""
+        return Column(self.alias, self.folder, tuple(s for s in self.suffixes if s.rsplit(".", 1)[0] in outputs))
+
 
 def find_feature(card: dict[str, Any], name: str) -> tuple[str, dict[str, Any]] | None:
     """(folder, feature card) of feature `name`, `name:preset` (vae:sd15) or exactly
@@ -82,6 +87,7 @@ class Dataset:
         except ValueError as e:  # json.JSONDecodeError: a truncated or damaged card
             raise DatasetError(f"{self.location.url_of(self.location.path(CARD))}: not a readable dataset card ({e}); rebuild the dataset or restore the file") from None
         self._manifest = None
+        self._shards_info: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] | None = None
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -115,26 +121,36 @@ class Dataset:
         return decode_array(self.location.read_bytes(self.location.existing(new, old) or new))
 
     def shard_keys(self, shard: str) -> list[str]:
-        rows = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
-        order = np.argsort(rows["index"].to_numpy())
-        keys = rows["key"].to_pylist()
-        return [keys[i] for i in order]
+        return list(self._shard_info(shard)[0])
+
+    def _shard_info(self, shard: str) -> tuple[list[str], dict[str, tuple[str, str]]]:
+        """(keys in index order, {key: (split, group)}) of one shard, from the manifest; kept,
+        as a reader asks again every epoch."""
+        if self._shards_info is None:
+            self._shards_info = {}
+        if shard not in self._shards_info:
+            rows = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
+            order = np.argsort(rows["index"].to_numpy())
+            keys = rows["key"].to_pylist()
+            info = {k: (s, g) for k, s, g in zip(keys, rows["split"].to_pylist(), rows["group"].to_pylist())}
+            self._shards_info[shard] = ([keys[i] for i in order], info)
+        return self._shards_info[shard]
 
     def pairs(self, split: str):
         return self.location.read_parquet(self.location.path("pairs", f"{split}.parquet"))
 
     # ---- samples --------------------------------------------------------------------------
 
-    def read_shard(self, shard: str, columns: Sequence[Column], pixels: bool = False) -> Iterator[dict[str, Any]]:
+    def read_shard(self, shard: str, columns: Sequence[Column], pixels: bool = False, cache: ShardCache | None = None) -> Iterator[dict[str, Any]]:
         """Samples of one shard: the requested columns zipped by key, keys checked against each
-        other and against the manifest."""
+        other and against the manifest. With a `cache`, each tar's members are read once and
+        kept (as bytes: every read decodes afresh, so nothing a consumer does to an array
+        reaches the next read)."""
         sources = [(c, self.location.sidecar(c.folder, shard)) for c in columns]
         if pixels:
             sources.insert(0, (Column(BASE, "", ("jpg", "json")), self.location.base_shard(shard)))
-        expected = self.shard_keys(shard)
-        meta = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
-        info = {k: (s, g) for k, s, g in zip(meta["key"].to_pylist(), meta["split"].to_pylist(), meta["group"].to_pylist())}
-        streams = [_tar_samples(self.location, path) for _, path in sources]
+        expected, info = self._shard_info(shard)
+        streams = [cache.members(self.location, path) if cache is not None else _tar_samples(self.location, path) for _, path in sources]
         read = 0
         for position, parts in enumerate(_zip_longest(streams)):
             keys = [p["__key__"] if p is not None else None for p in parts]
@@ -195,6 +211,37 @@ def _tar_samples(location: DatasetLocation, path: str) -> Iterator[dict[str, Any
             raise ShardError(f"{location.url_of(path)}: corrupt or truncated tar: {e}") from e
 
 
+# Bytes of tar members a stream keeps per process (each DataLoader worker has its own).
+SHARD_CACHE_BYTES = 512 * 2**20
+
+
+class ShardCache:
+    """The members of the tars a stream read, kept as bytes up to `max_bytes` (least
+    recently used first out), so a stream that reads the same shards every epoch reads each
+    file once while they fit: a pair stream over a shard re-reads it every epoch. A feature
+    set of a few KB per sample (pcdm-prior's CLIP embeddings and keypoints) fits whole for
+    a DeepFashion-size dataset; DINOv2 tokens do not, and are read again as before."""
+
+    def __init__(self, max_bytes: int = SHARD_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.held = 0
+        self._tars: collections.OrderedDict[str, tuple[list[dict[str, Any]], int]] = collections.OrderedDict()
+
+    def members(self, location: DatasetLocation, path: str) -> Iterator[dict[str, Any]]:
+        if path in self._tars:
+            self._tars.move_to_end(path)
+            return iter(self._tars[path][0])
+        parts = list(_tar_samples(location, path))
+        size = sum(len(v) for part in parts for k, v in part.items() if not k.startswith("__"))
+        if size <= self.max_bytes:
+            while self.held + size > self.max_bytes:
+                _, (_, dropped) = self._tars.popitem(last=False)
+                self.held -= dropped
+            self._tars[path] = (parts, size)
+            self.held += size
+        return iter(parts)
+
+
 def _zip_longest(streams: list[Iterator[dict[str, Any]]]) -> Iterator[list[dict[str, Any] | None]]:
     sentinel = object()
     while True:
@@ -242,6 +289,8 @@ class PairStream:
         rank: int = 0,
         world_size: int = 1,
         on_corrupt: str = "raise",
+        reads: Mapping[str, Sequence[str]] | None = None,
+        cache_bytes: int = SHARD_CACHE_BYTES,
     ):
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
@@ -249,7 +298,10 @@ class PairStream:
         self.skipped: set[str] = set()  # shards skipped as unreadable (on_corrupt="skip")
         self.dataset = dataset
         self.split = split
-        self.columns = [dataset.column(n) for n in needs]
+        # `reads`: {alias: outputs} for features of which only some outputs are decoded (a
+        # plugin's `reads`); the others are decoded whole
+        self.columns = [c.only(reads[c.alias]) if reads and c.alias in reads else c for c in (dataset.column(n) for n in needs)]
+        self.cache = ShardCache(cache_bytes) if cache_bytes else None
         self.pixels = pixels
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -314,7 +366,7 @@ class PairStream:
         skipped = 0
         for shard in shards:
             try:
-                samples = {s["__key__"]: s for s in self.dataset.read_shard(shard, self.columns, self.pixels)}
+                samples = {s["__key__"]: s for s in self.dataset.read_shard(shard, self.columns, self.pixels, self.cache)}
             except ShardError as e:
                 if self.on_corrupt != "skip":
                     raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -92,7 +93,35 @@ def encode_array(array: np.ndarray) -> bytes:
 
 def decode_array(data: bytes) -> np.ndarray:
     """np.load without pickle; packed bf16 / fp8 arrays come back as float32."""
-    return decode_float(np.load(io.BytesIO(data), allow_pickle=False))
+    return decode_float(load_npy(data))
+
+
+# .npy header (bytes) -> (dtype, shape, Fortran order), for headers np.load has accepted.
+_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+_NPY_HEADERS_MAX = 4096
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """`np.load(io.BytesIO(data), allow_pickle=False)` of a whole .npy held in memory, a
+    writable copy as np.load gives. np.load parses the header's Python literal every time
+    (tens of microseconds, more than the copy of a small array); a reader meets the same few
+    headers millions of times, so each distinct header is parsed once, by np.load itself
+    (which refuses object dtypes), and then only the values are copied out."""
+    if data[:6] == b"\x93NUMPY" and len(data) >= 10:
+        start = 10 if data[6] == 1 else 12
+        length = int.from_bytes(data[8:start], "little")
+        header = data[start : start + length]
+        known = _NPY_HEADERS.get(header)
+        if known is not None:
+            dtype, shape, fortran = known
+            count = math.prod(shape)
+            values = np.frombuffer(data, dtype=dtype, count=count, offset=start + length)  # ValueError when truncated
+            return values.reshape(shape, order="F" if fortran else "C").copy(order="K")
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+        if len(_NPY_HEADERS) < _NPY_HEADERS_MAX:
+            _NPY_HEADERS[header] = (array.dtype, array.shape, array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous)
+        return array
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def encode_output(suffix: str, value: np.ndarray) -> bytes:
@@ -129,7 +158,7 @@ def decode_stored_output(suffix: str, members: dict[str, bytes]) -> Any:
         raise KeyError(suffix)
     if names == [suffix]:
         return decode_output(suffix, members[suffix])
-    return decode_output_members(suffix, {n: np.load(io.BytesIO(members[n]), allow_pickle=False) for n in names})
+    return decode_output_members(suffix, {n: load_npy(members[n]) for n in names})
 
 
 def encode_stored_output(suffix: str, value: Any, dtype_label: str) -> dict[str, bytes]:

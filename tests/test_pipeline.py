@@ -145,7 +145,7 @@ def test_ray_build_on_a_gpu_ray_equals_the_local_build(fixtures_dir, tmp_path, m
     (request,) = requested
     assert request.count == 1 and request.num_gpus == 1
     assert "ray: 2 CPUs, 1 GPUs; 1 worker (1 CPU, 1 GPU each), each holding openpose, clip, vae:sd15, dinov2:base" in result.output
-    assert re.search(r"1/1 shards written, (\d+)/\1 images through the models", result.output), result.output
+    assert re.search(r"1/1 shards written, (\d+)/\1 images processed", result.output), result.output
     assert "Running Dataset" not in result.output and "INFO" not in result.output
 
     def files(root: Path) -> dict[str, bytes]:

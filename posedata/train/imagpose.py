@@ -117,6 +117,7 @@ class ImagPosePlugin(UNetPlugin):
     stream = "groups"  # the reader's GroupStream: items {"group", "samples": [4 samples]}
     sampler = "posedata.train.imagpose_sample:sample_imagpose"  # canvases, not pairs
     needs: ClassVar[tuple] = ("vae:sd15", ("dinov2:base", "dinov2:giant"), POSE_NEED)
+    reads: ClassVar[dict] = {"openpose": ("keypoints", "hands")}  # the skeleton is drawn from them, not read
     presets = {
         "paper": Preset(model={"pose_block_out_channels": PAPER_POSE_CHANNELS}, train=PAPER_TRAIN),
         # tiny: a 4 x 4 tokenizer, so that tiles from 32 px up still give VAE tokens

@@ -121,6 +121,7 @@ class PcdmInpaintPlugin(PcdmPlugin):
     name = "pcdm-inpaint"
     needs = ("vae:sd21", "dinov2:giant", "clip", ("openpose:full", "openpose", "keypoints_annotated"))  # hands when stored
     needs_pixels = False
+    reads = {"openpose": ("keypoints", "hands")}  # the skeleton is drawn from them, not read
     presets = pcdm_presets(TrainConfig(learning_rate=1e-4, weight_decay=0.01, warmup_steps=5000, batch_size=8, max_grad_norm=1.0),
                            tiny_model={"pose_block_out_channels": TINY_POSE_CHANNELS})
     sample_recipes = {

@@ -302,6 +302,7 @@ class PcdmPriorPlugin(Plugin):
     name = "pcdm-prior"
     needs = ("clip", ("openpose", "keypoints_annotated"))
     needs_pixels = False
+    reads = {"openpose": ("keypoints",)}  # not the skeleton PNG
     output = "embedding"
     presets = {
         "paper": Preset(model=PAPER, train=TrainConfig(learning_rate=1e-5, weight_decay=0.01, warmup_steps=2000, batch_size=128, max_grad_norm=10.0)),

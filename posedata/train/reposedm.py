@@ -225,6 +225,7 @@ class RePoseDMPlugin(UNetPlugin):
     name = "reposedm"
     needs = (VAE_NEED, POSE_NEED, HRNET_NEED)
     needs_pixels = False
+    reads = {"higherhrnet": ("pose_features",)}
     base_model = "sd15"
     model_cls = RePoseDMModel
     scheduler_changes = SCHEDULER_CHANGES

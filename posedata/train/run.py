@@ -103,7 +103,8 @@ def batches_factory(dataset: Dataset, plugin: Plugin, split: str, batch_size: in
     def factory(start: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         # a plugin's `stream`: "pairs" (PairStream) or "groups" (GroupStream: IMAGPose's groups of four)
         stream_cls = GroupStream if getattr(plugin, "stream", "pairs") == "groups" else PairStream
-        stream = stream_cls(dataset, split, plugin.needs, pixels=plugin.needs_pixels, seed=seed, rank=rank, world_size=world_size, on_corrupt=on_corrupt)
+        stream = stream_cls(dataset, split, plugin.needs, pixels=plugin.needs_pixels, seed=seed, rank=rank, world_size=world_size, on_corrupt=on_corrupt,
+                            reads=plugin.reads)
         return collated_loader(stream, plugin, batch_size, num_workers, seed, rank, start)
 
     return factory

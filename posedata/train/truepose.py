@@ -272,6 +272,7 @@ class TruePosePlugin(UNetPlugin):
     name = "truepose"
     needs = ("vae:sd15", "parsing", "clip_regions", ("openpose", "keypoints_annotated"))
     needs_pixels = False
+    reads = {"openpose": ("keypoints",), "parsing": ("labels",)}
     base_model = "sd15"
     model_cls = TruePoseModel
     presets: ClassVar[dict[str, Preset]] = truepose_presets()
