@@ -3,7 +3,7 @@ feature set at paper size, from local disk and from an S3 server on loopback, ag
 H100 bound of bench/limits.py (a script to run by hand, not a test).
 
     python bench/limits.py                         # first: the paper-size dataset and the bounds
-    python bench/reader.py                         # every plugin, local disk and S3, ~5 min on 2 cores
+    python bench/reader.py                         # every plugin, local disk and S3, ~7 min on 2 cores
     python bench/reader.py --compare-ref f35e031   # also the reader of an older commit, in the same turns
     python bench/reader.py --plugins pcdm-prior --targets local --seconds 3
 
