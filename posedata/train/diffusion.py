@@ -167,28 +167,36 @@ class Objective:
 
 
 def drop_conditions(
-    batch: dict[str, torch.Tensor],
-    nulls: Mapping[str | tuple[str, ...], torch.Tensor | float],
+    batch: dict[str, torch.Tensor | np.ndarray],
+    nulls: Mapping[str | tuple[str, ...], torch.Tensor | np.ndarray | float],
     p: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Classifier-free-guidance dropout in place: for each entry of `nulls` (in order; a key
     or a tuple of batch keys dropped together), the rows where a uniform draw < p take the
     null value (a stored null embedding, broadcast to one row, or a number such as 0).
-    One draw per row and entry, `torch.rand((B, len(nulls)))`. Returns that boolean mask."""
+    One draw per row and entry, `torch.rand((B, len(nulls)))`. Returns that boolean mask.
+    Batch entries may be tensors or numpy arrays (a collate that converts once, at the end)."""
     bsz = next(iter(batch.values())).shape[0]
     if p <= 0:
         return torch.zeros((bsz, len(nulls)), dtype=torch.bool)
     drop = torch.rand((bsz, len(nulls)), generator=generator) < p
-    for j, (keys, value) in enumerate(nulls.items()):
-        rows = drop[:, j]
-        if not rows.any():
+    # the mask as Python lists, read once: this runs per batch in the loader, where each
+    # tensor op on a cache-cold core costs more than the whole decision
+    columns = list(zip(*drop.tolist()))
+    for (keys, value), column in zip(nulls.items(), columns):
+        rows = [i for i, dropped in enumerate(column) if dropped]
+        if not rows:
             continue
         for key in (keys,) if isinstance(keys, str) else keys:
-            if torch.is_tensor(value):
-                batch[key][rows] = value.to(batch[key].dtype).reshape(batch[key].shape[1:])
+            target = batch[key]
+            if isinstance(target, np.ndarray):
+                fill = value.cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
+                target[rows] = fill.astype(target.dtype).reshape(target.shape[1:]) if fill.ndim else fill
+            elif torch.is_tensor(value):
+                target[rows] = value.to(target.dtype).reshape(target.shape[1:])
             else:
-                batch[key][rows] = value
+                target[rows] = value
     return drop
 
 

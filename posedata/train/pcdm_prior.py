@@ -282,14 +282,15 @@ def sample_prior(
 
 
 def normalise_pose(keypoints: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[18, 3] (x, y, score) in stored-image pixels -> [36] float32: x / W, y / H joint by
-    joint, MISSING_JOINT for both coordinates of joints with score <= 0."""
+    """[..., 18, 3] (x, y, score) in stored-image pixels -> [..., 36] float32: x / W, y / H
+    joint by joint, MISSING_JOINT for both coordinates of joints with score <= 0. A batch
+    [B, 18, 3] is normalised in one call (the collate's per-sample cost)."""
     kp = np.asarray(keypoints, dtype=np.float32)
-    if kp.shape != (NUM_JOINTS, 3):
+    if kp.shape[-2:] != (NUM_JOINTS, 3):
         raise ValueError(f"expected keypoints [18, 3], got {list(kp.shape)}")
-    xy = kp[:, :2] / np.array([width, height], dtype=np.float32)
-    xy[kp[:, 2] <= 0] = MISSING_JOINT
-    return xy.reshape(-1)
+    xy = kp[..., :2] / np.array([width, height], dtype=np.float32)
+    xy[kp[..., 2] <= 0] = MISSING_JOINT
+    return xy.reshape(*kp.shape[:-2], 2 * NUM_JOINTS)
 
 
 def embedding_width(card: dict[str, Any]) -> int:
@@ -333,27 +334,29 @@ class PcdmPriorPlugin(Plugin):
 
     # ---- data -------------------------------------------------------------------------
 
-    def _pose(self, sample: dict[str, Any]) -> torch.Tensor:
-        return torch.from_numpy(normalise_pose(sample[POSE_NAME], self.height, self.width))
+    # numpy throughout and one tensor per key at the end: on small models a tensor op per
+    # sample costs more than the prior's step (bench/README.md, reader section).
+    def _poses(self, pairs: list[dict[str, Any]], side: str) -> np.ndarray:
+        return normalise_pose(np.stack([p[side][POSE_NAME] for p in pairs]), self.height, self.width)
 
     @staticmethod
-    def _embed(sample: dict[str, Any]) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(sample["clip.embeds"], dtype=np.float32))
+    def _embeds(pairs: list[dict[str, Any]], side: str) -> np.ndarray:
+        return np.stack([p[side]["clip.embeds"] for p in pairs]).astype(np.float32, copy=False)
 
     def collate(self, pairs: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """-> source_embeds, target_embeds [B, D] (raw CLIP space), source_pose,
         target_pose [B, 36]; conditions dropped with p = drop_prob each."""
         batch = {
-            "source_embeds": torch.stack([self._embed(p["source"]) for p in pairs]),
-            "target_embeds": torch.stack([self._embed(p["target"]) for p in pairs]),
-            "source_pose": torch.stack([self._pose(p["source"]) for p in pairs]),
-            "target_pose": torch.stack([self._pose(p["target"]) for p in pairs]),
+            "source_embeds": self._embeds(pairs, "source"),
+            "target_embeds": self._embeds(pairs, "target"),
+            "source_pose": self._poses(pairs, "source"),
+            "target_pose": self._poses(pairs, "target"),
         }
         if self.drop_prob > 0:
             if NULL_NAME not in self.nulls:
                 raise ValueError("pcdm-prior drops the source image by its stored null embedding; call set_null_embeddings first")
             drop_conditions(batch, {"source_embeds": self.null(NULL_NAME), "source_pose": 0.0, "target_pose": 0.0}, self.drop_prob, generator)
-        return batch
+        return {k: torch.from_numpy(v) for k, v in batch.items()}
 
     # ---- training -----------------------------------------------------------------------
 
@@ -379,9 +382,9 @@ class PcdmPriorPlugin(Plugin):
         null = self.null(NULL_NAME) if NULL_NAME in self.nulls else None
         return sample_prior(
             model,
-            torch.stack([self._embed(p["source"]) for p in pairs]),
-            torch.stack([self._pose(p["source"]) for p in pairs]),
-            torch.stack([self._pose(p["target"]) for p in pairs]),
+            torch.from_numpy(self._embeds(pairs, "source")),
+            torch.from_numpy(self._poses(pairs, "source")),
+            torch.from_numpy(self._poses(pairs, "target")),
             null_embeds=null,
             guidance_scale=s.guidance_scale,
             num_inference_steps=s.num_inference_steps,

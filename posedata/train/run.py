@@ -79,8 +79,13 @@ def collated_loader(pairs: Iterable[dict[str, Any]], plugin: Plugin, batch_size:
                     start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Collated batches from number `start` on (see `CollatedBatches`), through a DataLoader
     with `num_workers` worker processes (0: in this process)."""
+    batches = CollatedBatches(pairs, plugin.collate, batch_size, seed, rank, start)
+    if num_workers == 0 and not torch.cuda.is_available():
+        # nothing for a DataLoader to do (no workers, no pinning): its per-batch bookkeeping
+        # is a measurable part of a small model's step (bench/README.md, reader section)
+        return itertools.islice(iter(batches), start, None)
     loader = torch.utils.data.DataLoader(
-        CollatedBatches(pairs, plugin.collate, batch_size, seed, rank, start),
+        batches,
         batch_size=None,  # the dataset yields whole batches
         collate_fn=as_is,  # as collated (no conversion of numpy arrays to tensors)
         num_workers=num_workers,
