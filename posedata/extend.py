@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from posedata.errors import PosedataError
 from posedata.extractors import (
     create_extractor,
     dependency_order,
@@ -44,7 +45,7 @@ from posedata.storage import card_members
 __all__ = ["FEATURE_CARD", "ExtendConfig", "ExtendError", "extend", "feature_done_marker", "record_features"]
 
 
-class ExtendError(RuntimeError):
+class ExtendError(PosedataError, RuntimeError):
     """Extending cannot proceed (unknown dependency, an image an extractor rejects)."""
 
 
