@@ -63,6 +63,7 @@ from posedata.shards import (
     duplicates_text,
     write_shard,
 )
+from posedata.sources.common import OWN_OUTPUT_REASON, not_reading
 
 log = logging.getLogger("posedata.build")
 
@@ -180,7 +181,8 @@ def make_plan(config: BuildConfig) -> BuildPlan:
     from posedata.sources import source_class
 
     source_cls = source_class(config.source)
-    scan = source_cls(config.root, **config.source_options).scan()
+    with not_reading(*local_output(config)):
+        scan = source_cls(config.root, **config.source_options).scan()
     resolution = tuple(config.resolution or source_cls.default_resolution)
     specs = list(config.features or DEFAULT_FEATURES)
     if scan.has_keypoint_annotations and "keypoints_annotated" not in specs:
@@ -203,6 +205,15 @@ def make_plan(config: BuildConfig) -> BuildPlan:
         kwargs_by_spec[spec] = kwargs
         extractors[spec] = create_extractor(spec, upstream=upstream_folders(spec, extractors), **kwargs)
     return BuildPlan(config, scan, resolution, plan_shards(scan.records, config.shard_size), specs, kwargs_by_spec, extractors)
+
+
+def local_output(config: BuildConfig) -> list[str]:
+    """--out as a local folder path, or nothing for a bucket URL (no symlink reaches one)."""
+    try:
+        location = DatasetLocation(config.out, config.storage_options)
+    except ValueError:
+        return []
+    return [location.root] if location.is_local else []
 
 
 def upstream_folders(spec: str, extractors: dict[str, Extractor]) -> dict[str, str]:
@@ -387,7 +398,12 @@ def input_listing(plan: BuildPlan) -> pa.Table:
     splits, groups, annotations, rejects, pairs) for changes in lists and CSVs."""
     root = os.path.abspath(os.path.expanduser(plan.config.root))
     rows = []
+    # a link into --out leads to what the build itself writes: its time and size change
+    own_output = {r.path for r in plan.scan.rejects if r.reason == OWN_OUTPUT_REASON}
     for path in sorted({r.path for r in plan.scan.records} | {r.path for r in plan.scan.rejects}):
+        if path in own_output:
+            rows.append({"path": os.path.relpath(path, root) if os.path.isabs(path) else path, "size": -1, "mtime_ns": -1})
+            continue
         try:
             info = os.stat(path)
             size, mtime = info.st_size, info.st_mtime_ns

@@ -160,3 +160,25 @@ def test_double_colon_in_a_source_name_is_read_literally(tmp_path):
     red = stored[by_path["x"]]
     assert blue[2] > 200 and blue[0] < 50, blue
     assert red[0] > 200 and red[2] < 50, red
+
+
+@pytest.mark.parametrize("out_exists_first", [True, False], ids=["out-made-first", "out-made-by-the-build"])
+def test_symlink_under_root_into_out_is_a_reject_and_reruns_resume(photos, tmp_path, out_exists_first):
+    """check_output cannot see a link under --root that leads into --out: the scan refuses
+    it (one reject, nothing under it read), the same way whether --out existed yet or not,
+    so a rerun over the same photos still resumes."""
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "dataset"
+    if out_exists_first:
+        out.mkdir()
+    (photos / "mirror").symlink_to(out, target_is_directory=True)
+    first = invoke(*build_args(photos, out))
+    assert first.exit_code == 0, first.output
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    mirror = [r for r in rejects if "mirror" in r["source_path"]]
+    assert len(mirror) == 1 and "own output --out" in mirror[0]["reason"], rejects
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert sorted(r["source_path"] for r in manifest) == ["alice/p0.jpg", "alice/p1.jpg", "alice/p2.jpg"]
+    again = invoke(*build_args(photos, out))
+    assert again.exit_code == 0, again.output

@@ -6,6 +6,8 @@ small builder that keeps every input accounted for (a record or a reject, never 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import hashlib
 import io
@@ -15,6 +17,7 @@ import os
 import posixpath
 import stat
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -58,6 +61,28 @@ class FileListing:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
 
 
+# Real paths of folders no listing enters: the build's own --out, which a symlink under
+# --root can still reach after check_output (a build would read its own shards, and a rerun
+# would see its inputs change). Set by `not_reading`.
+OWN_OUTPUT_REASON = "symlink into the build's own output --out: not read"
+_NOT_READ: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("posedata_not_read", default=())
+
+
+@contextlib.contextmanager
+def not_reading(*folders: str) -> Iterator[None]:
+    """Within the block, `list_files` refuses any folder or file whose real path is one of
+    `folders` or lies inside one (one reject each, nothing under it read)."""
+    token = _NOT_READ.set(tuple(os.path.realpath(f) for f in folders))
+    try:
+        yield
+    finally:
+        _NOT_READ.reset(token)
+
+
+def _inside_any(real: str, folders: tuple[str, ...]) -> str | None:
+    return next((f for f in folders if real == f or real.startswith(f.rstrip(os.sep) + os.sep)), None)
+
+
 def list_files(directory: Path) -> FileListing:
     """Walk `directory`, following symlinked folders once each. Every regular file is listed;
     everything else under it is refused with a reason, never left out silently: a folder
@@ -68,6 +93,7 @@ def list_files(directory: Path) -> FileListing:
 
     listing = FileListing()
     seen_real_dirs: dict[str, str] = {}  # real path -> the relative path it was read under
+    not_read = _NOT_READ.get()
 
     def relative(path: str) -> str:
         return printable(os.path.relpath(path, directory).replace(os.sep, "/"))
@@ -85,6 +111,10 @@ def list_files(directory: Path) -> FileListing:
             dirnames[:] = []
             continue
         seen_real_dirs[real] = relative(current)
+        if _inside_any(real, not_read):
+            listing.refused.append((relative(current), OWN_OUTPUT_REASON))
+            dirnames[:] = []
+            continue
         for name in sorted(d for d in dirnames if d.startswith(".")):
             listing.refused.append((relative(os.path.join(current, name)), "hidden folder (name starts with '.'): not read"))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -92,6 +122,10 @@ def list_files(directory: Path) -> FileListing:
             path = os.path.join(current, name)
             if name.startswith("."):
                 listing.refused.append((relative(path), "hidden file (name starts with '.'): not read"))
+                continue
+            if not_read and os.path.islink(path) and _inside_any(os.path.realpath(path), not_read):
+                # the same reject whether --out exists yet or not (a rerun compares them)
+                listing.refused.append((relative(path), OWN_OUTPUT_REASON))
                 continue
             try:
                 mode = os.stat(path).st_mode
