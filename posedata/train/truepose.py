@@ -42,9 +42,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 
-from posedata.extractors.parsing import NUM_LABELS
+from posedata.extractors.parsing import ATR_LABELS, NUM_LABELS
 from posedata.render import draw_openpose
-from posedata.train.config import Preset, SampleSettings, TrainConfig
+from posedata.train.config import PluginOption, Preset, SampleSettings, TrainConfig
 from posedata.train.diffusion import denoise, drop_conditions, sample_latent
 from posedata.train.plugin import feature_card, stack
 from posedata.train.truepose_attention import (
@@ -58,6 +58,14 @@ from posedata.train.truepose_attention import (
     TargetReader,
     level_grids,
     target_classes,
+)
+from posedata.train.truepose_style import (
+    REGION_FROM,
+    blend_branches,
+    branch_rows,
+    region_mask,
+    spread_latents,
+    style_region_ids,
 )
 from posedata.train.unet import (
     PAPER_POSE_CHANNELS,
@@ -281,6 +289,13 @@ class TruePosePlugin(UNetPlugin):
     sample_recipes: ClassVar[dict[str, SampleSettings]] = {
         "paper": SampleSettings(num_inference_steps=35, guidance_scale=3.5, scheduler="ddim", uncond="drop"),
     }
+    sample_options: ClassVar[tuple[PluginOption, ...]] = (
+        PluginOption("style_region", "style transfer (Sec. 5.4): comma-separated parsing regions of each pair's target, the reference "
+                     f"image ({', '.join(ATR_LABELS)}); they take the source's appearance at the reference's pose, the rest stays the "
+                     "reference's"),
+        PluginOption("style_region_from", "with --style-region, which image the regions come from: source (the paper's formula) or "
+                     "reference (the regions stay the reference's, the rest takes the source's)", default="source", choices=REGION_FROM),
+    )
     drop_prob = DROP_PROB
 
     def __init__(self, card: dict[str, Any], weights: str = "pretrained", model: str | None = None, preset: str | None = None,
@@ -383,31 +398,72 @@ class TruePosePlugin(UNetPlugin):
 
     # ---- sampling -------------------------------------------------------------------------
 
+    def style(self, style_region: str | None, style_region_from: str) -> tuple[list[int], bool] | None:
+        """`--style-region` / `--style-region-from` -> (the region ids, whether m is inverted),
+        or None for ordinary sampling (see posedata.train.truepose_style)."""
+        if not style_region:
+            return None
+        if style_region_from not in REGION_FROM:
+            raise ValueError(f"{self.name}: --style-region-from must be one of {', '.join(REGION_FROM)}, got {style_region_from!r}")
+        from posedata.reader import find_feature
+
+        if find_feature(self.card, "parsing") is None:
+            raise ValueError(f"{self.name}: --style-region needs the reference images' parsing labels and the dataset has no 'parsing' "
+                             "feature; run `posedata extend` with it")
+        return style_region_ids(style_region, self.name), style_region_from == "reference"
+
+    def style_mask(self, pairs: list[dict[str, Any]], ids: list[int], inverted: bool) -> torch.Tensor:
+        """m [B, 1, h, w] bool: the regions `ids` of each pair's target (the reference) at the
+        latent grid; `inverted`: its complement."""
+        references = [p["target"] for p in pairs]
+        missing = [r.get("__key__", "?") for r in references if "parsing.labels" not in r]
+        if missing:
+            raise ValueError(f"{self.name}: --style-region needs the reference's parsing labels; {', '.join(missing)} have none")
+        mask = region_mask(torch.stack([self.labels(r) for r in references]), ids, tuple(self.latent_shape[1:]))
+        return ~mask if inverted else mask
+
     @torch.no_grad()
     def sample(self, model: TruePoseModel, pairs: list[dict[str, Any]], *, generator: torch.Generator | None = None,
-               **kwargs: Any) -> torch.Tensor:
+               style_region: str | None = None, style_region_from: str = "source", **kwargs: Any) -> torch.Tensor:
         """Target latents [B, 4, h, w] in the stored posteriors' space for the pairs (the
-        source's vae / parsing / clip_regions and the target's keypoints are read)."""
+        source's vae / parsing / clip_regions and the target's keypoints are read).
+        `style_region` ("upper-clothes,skirt"): style transfer (Sec. 5.4, truepose_style):
+        the target is the reference image, whose own vae / parsing / clip_regions drive the
+        second prediction and whose parsing gives the mask; `style_region_from` "reference"
+        swaps the mask's sides."""
         settings, rest = self.split_settings(kwargs)
         if rest:
             raise ValueError(f"{self.name}: unknown sampling option(s) {sorted(rest)}")
         if settings.uncond != "drop":
             raise ValueError(f"{self.name}: uncond must be 'drop' (the branch without source features), got {settings.uncond!r}")
+        style = self.style(style_region, style_region_from)
         device, dtype = model.device, model.dtype
-        cond = {k: v.to(device) for k, v in self.conditions(pairs).items()}
         bsz = len(pairs)
+        guided = settings.guidance_scale > 1.0
+        mask = None
+        if style is not None:
+            mask = self.style_mask(pairs, *style).to(device)
+            # the reference branch: the reference is its own source, at its own pose
+            pairs = pairs + [{"source": p["target"], "target": p["target"]} for p in pairs]
+        cond = {k: v.to(device) for k, v in self.conditions(pairs).items()}
         source = (cond["source_mean"] * self.scaling_factor).to(dtype)  # posterior mean, as Moore's pipeline
         model.encode_source(source, cond["labels"], cond["selected"], cond["region_tokens"].to(dtype), cond["region_valid"],
-                            torch.ones(bsz, dtype=torch.bool, device=device))
-        pose_features = model.pose_encoder(cond["pose"].to(dtype))
-        guided = settings.guidance_scale > 1.0
-        if guided:  # [unconditional; conditional]: the first half without source features
+                            torch.ones(len(pairs), dtype=torch.bool, device=device))
+        pose_features = model.pose_encoder(cond["pose"][:bsz].to(dtype))  # the target's pose in every branch
+        if style is not None:
+            model.state.select(branch_rows(bsz, guided))
+        elif guided:
             model.state.repeat(2)
-            model.state.keep = torch.cat([torch.zeros(bsz, dtype=torch.bool), torch.ones(bsz, dtype=torch.bool)]).to(device)
-            pose_features = torch.cat([pose_features] * 2)
+        rows = len(model.state.keep)
+        if guided:  # the first bsz rows: the unconditional prediction, without source features
+            model.state.keep = (torch.arange(rows) >= bsz).to(device)
+        pose_features = pose_features.repeat(rows // bsz, 1, 1, 1)
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return model.denoise_target(x, t, pose_features).sample
+            if mask is None:
+                return model.denoise_target(x, t, pose_features).sample
+            out = model.denoise_target(spread_latents(x, guided), t, pose_features).sample
+            return blend_branches(out, mask, guided)
 
         try:
             latents = denoise(predict, (bsz, *self.latent_shape), scheduler=self.objective.sampler(settings.scheduler),
@@ -416,3 +472,17 @@ class TruePosePlugin(UNetPlugin):
         finally:
             model.state.clear()
         return latents.float() / self.scaling_factor
+
+    def sample_outputs(self, model: TruePoseModel, pairs: list[dict[str, Any]], *, generator: torch.Generator | None,
+                       settings: SampleSettings, vae: Any = None, **options: Any) -> list[dict[str, Any]]:
+        """The default outputs; with `--style-region`, samples.parquet also records the
+        regions, which image they come from and the share of the latent grid the mask covers
+        (0: the regions are absent from the reference, the output is the reference re-posed)."""
+        outputs = super().sample_outputs(model, pairs, generator=generator, settings=settings, vae=vae, **options)
+        style = self.style(options.get("style_region"), options.get("style_region_from") or "source")
+        if style is not None:
+            covered = self.style_mask(pairs, *style).float().mean((1, 2, 3)).tolist()
+            regions = ",".join(ATR_LABELS[i] for i in style[0])
+            for output, share in zip(outputs, covered):
+                output.update(style_region=regions, style_region_from=options.get("style_region_from") or "source", style_mask_share=share)
+        return outputs

@@ -24,6 +24,7 @@ the backward pass and must see the same state.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -199,17 +200,21 @@ class FusionState:
 
     def repeat(self, times: int) -> None:
         """Tile every per-sample tensor `times` along the batch (the CFG-doubled batch)."""
+        self._per_sample(lambda x: torch.cat([x] * times))
 
-        def tile(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x] * times)
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep the samples at `rows` (long [N], repeats allowed) in that order: the batch
+        layout of a forward pass that is not simply the CFG-doubled one (style transfer)."""
+        self._per_sample(lambda x: x[rows.to(x.device)])
 
-        self.key_masks = {n: tile(m) for n, m in self.key_masks.items()}
-        self.region_coverage = {n: tile(c) for n, c in self.region_coverage.items()}
-        self.region_tokens = None if self.region_tokens is None else tile(self.region_tokens)
-        self.region_valid = None if self.region_valid is None else tile(self.region_valid)
-        self.keep = None if self.keep is None else tile(self.keep)
-        self.source = {n: tile(h) for n, h in self.source.items()}
-        self.received = {n: tile(r) for n, r in self.received.items()}
+    def _per_sample(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.key_masks = {n: change(m) for n, m in self.key_masks.items()}
+        self.region_coverage = {n: change(c) for n, c in self.region_coverage.items()}
+        self.region_tokens = None if self.region_tokens is None else change(self.region_tokens)
+        self.region_valid = None if self.region_valid is None else change(self.region_valid)
+        self.keep = None if self.keep is None else change(self.keep)
+        self.source = {n: change(h) for n, h in self.source.items()}
+        self.received = {n: change(r) for n, r in self.received.items()}
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
