@@ -20,11 +20,17 @@ docs/reposedm-fidelity.md.
   (`pose_latent.black_mean/std`) and F_S^N zeros ("no interaction conditioning").
 - Ablations (Table 2): B1 = `--alignment none --pose-guidance 0` (a conv encoder of the
   source latent, no RPA, no guidance), B2 = `--pose-guidance 0` (RPA, no guidance).
+- `--rpa-warp pixels`: eq. 9 as written, RPA re-warps the source IMAGE (read from the base
+  shards) and re-encodes it with the dataset's frozen VAE encoder every iteration; the
+  default `latent` warps the stored source latent (no VAE in the step). Recorded in the
+  model config (`rpa_warp`), so sampling runs the variant the model was trained with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,9 +40,10 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from posedata.extractors.vae import VaeExtractor
 from posedata.train.config import PluginOption, Preset, SampleSettings, TrainConfig
 from posedata.train.diffusion import denoise, sample_latent
-from posedata.train.plugin import feature_card, output_shape, stack
+from posedata.train.plugin import feature_card, output_shape, rebuild_extractor, stack
 from posedata.train.reposedm_guidance import (
     GUIDANCE_LATENTS,
     PoseInteractionField,
@@ -44,7 +51,13 @@ from posedata.train.reposedm_guidance import (
     guidance_term,
     interaction_field,
 )
-from posedata.train.reposedm_rpa import RHWF_KERNELS, RecurrentPoseAlignment, latent_encoder
+from posedata.train.reposedm_rpa import (
+    RHWF_KERNELS,
+    RPA_WARPS,
+    RecurrentPoseAlignment,
+    VaeSourceEncoder,
+    latent_encoder,
+)
 from posedata.train.reposedm_vlb import GaussianPosterior, vlb_loss
 from posedata.train.unet import PluginModel, UNetPlugin, model_dtype, widen_conv_in
 
@@ -52,6 +65,9 @@ LATENT_CHANNELS = 4
 IN_CHANNELS = 2 * LATENT_CHANNELS  # [y_t | VAE(target pose)]
 OUT_CHANNELS = 2 * LATENT_CHANNELS  # [eps | variance]
 ALIGNMENTS = ("rpa", "none")  # "none": baseline B1's plain encoder of the source
+SOURCE_PIXELS = "source_pixels"  # the collated source images, [-1, 1] [B, 3, H, W] (rpa_warp "pixels")
+
+logger = logging.getLogger(__name__)
 VAE_NEED, POSE_NEED, HRNET_NEED = "vae:sd15", "pose_latent:sd15", "higherhrnet"
 MEAN, STD = "vae.mean", "vae.std"
 POSE_MEAN, POSE_STD = "pose_latent.mean", "pose_latent.std"
@@ -147,6 +163,9 @@ def set_level_processors(unet: UNet2DConditionModel) -> None:
     unet.set_attn_processor({name: LevelAttnProcessor(attention_level(name, levels)) for name in unet.attn_processors})
 
 
+Encode = Callable[[torch.Tensor], torch.Tensor]  # [-1, 1] pixels -> scaled latents (eq. 9's Encoder)
+
+
 class RePoseDMModel(PluginModel):
     """UNet [y_t | pose latent] -> [eps | v], the source's appearance through Recurrent Pose
     Alignment (or B1's plain encoder) and a texture pyramid into each level's cross-attention."""
@@ -161,11 +180,16 @@ class RePoseDMModel(PluginModel):
         rpa_iterations: int = 5,
         rpa_kernels: tuple[int, ...] | list[int] = RHWF_KERNELS,
         zero_init_cross_attention: bool = True,
+        rpa_warp: str = "latent",
         unet: UNet2DConditionModel | None = None,
     ):
         super().__init__()
         if alignment not in ALIGNMENTS:
             raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+        if rpa_warp not in RPA_WARPS:
+            raise ValueError(f"rpa_warp must be one of {RPA_WARPS}, got {rpa_warp!r}")
+        if rpa_warp == "pixels" and alignment != "rpa":
+            raise ValueError(f"rpa_warp 'pixels' warps inside Recurrent Pose Alignment; alignment {alignment!r} has none")
         self.unet = self.make_unet(unet_config, unet)
         if unet is None and zero_init_cross_attention:
             zero_cross_attention_outputs(self.unet)
@@ -176,17 +200,26 @@ class RePoseDMModel(PluginModel):
         set_level_processors(self.unet)
         self.texture_pyramid = TexturePyramid(rpa_dim, len(self.unet.config.block_out_channels), self.unet.config.cross_attention_dim)
 
-    def appearance(self, source: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(F_S^N [B, D, h, w], the warped source latent or None for B1)."""
+    def appearance(self, source: torch.Tensor, pose: torch.Tensor, pixels: torch.Tensor | None = None,
+                   encode: Encode | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(F_S^N [B, D, h, w], the warped source latent or None for B1). A model trained with
+        `rpa_warp="pixels"` needs the source `pixels` ([-1, 1] [B, 3, H, W]) and `encode`
+        (the frozen VAE encoder, `VaeSourceEncoder`)."""
         if self.config.alignment == "rpa":
-            features, warped, _ = self.rpa(source, pose)
+            if self.config.rpa_warp == "pixels":
+                if pixels is None or encode is None:
+                    raise ValueError("this RePoseDM model warps the source pixels (rpa_warp 'pixels'): give the source images and the VAE encoder")
+                features, warped, _ = self.rpa(source, pose, pixels, encode)
+            else:
+                features, warped, _ = self.rpa(source, pose)
             return features, warped
         return self.texture_encoder(source), None
 
-    def context(self, source: torch.Tensor, pose: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+    def context(self, source: torch.Tensor, pose: torch.Tensor, keep: torch.Tensor | None = None, pixels: torch.Tensor | None = None,
+                encode: Encode | None = None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
         """One cross-attention token set per UNet level, [B, h_l * w_l, cross_dim] (zero
         rows where `keep` is 0), and the warp."""
-        features, warped = self.appearance(source, pose)
+        features, warped = self.appearance(source, pose, pixels, encode)
         tokens = self.texture_pyramid(features)
         if keep is not None:
             tokens = tuple(t * keep.to(t.device, t.dtype).view(-1, 1, 1) for t in tokens)
@@ -200,9 +233,10 @@ class RePoseDMModel(PluginModel):
         return self.unet(torch.cat([noisy, pose], dim=1), timestep, encoder_hidden_states=context[0],
                          cross_attention_kwargs={"texture_tokens": tuple(context)}).sample
 
-    def forward(self, noisy: torch.Tensor, timestep: Any, pose: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None):
+    def forward(self, noisy: torch.Tensor, timestep: Any, pose: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None,
+                pixels: torch.Tensor | None = None, encode: Encode | None = None):
         """One training call: (UNet output [B, 8, h, w], warped source latent or None)."""
-        context, warped = self.context(source, pose, keep)
+        context, warped = self.context(source, pose, keep, pixels, encode)
         return self.denoise_step(noisy, timestep, pose, context), warped
 
 
@@ -241,6 +275,9 @@ class RePoseDMPlugin(UNetPlugin):
         PluginOption("guidance_latents", "what P~_t decodes: Tweedie's x0 (eq. 13) or eq. 10's eps - eps_theta", "tweedie", str, GUIDANCE_LATENTS),
         PluginOption("alignment", "rpa: Recurrent Pose Alignment; none: baseline B1's plain source encoder", "rpa", str, ALIGNMENTS),
         PluginOption("warp_loss", "weight of an L1 loss between the warped source latent and the target latent (not in the paper)", 0.0, float),
+        PluginOption("rpa_warp", "what RPA re-warps each iteration (eq. 9): latent: the stored source latent, learned conv re-encoding, "
+                     "no VAE in the step; pixels: the source image, re-encoded by the frozen VAE encoder (the paper's; reads the "
+                     "images, 6 VAE encoder passes + their backward per step)", "latent", str, RPA_WARPS),
     )
     sample_options = (
         PluginOption("pose_guidance", "scale of the gradient guidance added to the guided noise (eq. 15-16); 0 = off", 1.0, float),
@@ -257,8 +294,15 @@ class RePoseDMPlugin(UNetPlugin):
             raise ValueError(f"{self.name}: the dataset's {HRNET_NEED} feature has no pose_features.npy")
         if self.options["guidance_latents"] not in GUIDANCE_LATENTS:
             raise ValueError(f"{self.name}: guidance_latents must be one of {GUIDANCE_LATENTS}")
+        if self.options["rpa_warp"] not in RPA_WARPS:
+            raise ValueError(f"{self.name}: rpa_warp must be one of {RPA_WARPS}, got {self.options['rpa_warp']!r}")
+        if self.options["rpa_warp"] == "pixels" and self.options["alignment"] != "rpa":
+            raise ValueError(f"{self.name}: --rpa-warp pixels warps inside Recurrent Pose Alignment; --alignment {self.options['alignment']} has none")
+        self.needs_pixels = self.options["rpa_warp"] == "pixels"  # the reader then decodes the stored images
         self.posterior = GaussianPosterior(self.noise_scheduler.betas)
+        self._vae: Any = None
         self._field: PoseInteractionField | None = None
+        self._encoder: VaeSourceEncoder | None = None
 
     # ---- model --------------------------------------------------------------------------
 
@@ -270,22 +314,49 @@ class RePoseDMPlugin(UNetPlugin):
         widen_conv_out(unet, OUT_CHANNELS)
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {"alignment": self.options["alignment"], **self.preset.model}
+        return {"alignment": self.options["alignment"], "rpa_warp": self.options["rpa_warp"], **self.preset.model}
 
     def check_model(self, model: RePoseDMModel) -> RePoseDMModel:
         cfg = model.unet.config
         if (cfg.in_channels, cfg.out_channels) != (IN_CHANNELS, OUT_CHANNELS):
             raise ValueError(f"{self.name}: expected a UNet with {IN_CHANNELS} inputs and {OUT_CHANNELS} outputs, got {cfg.in_channels}, {cfg.out_channels}")
+        # a loaded model keeps the variant it was trained with (like its alignment); the
+        # plugin follows it, so `posedata sample` on a bare model folder warps what it should
+        recorded = model.config.get("rpa_warp", "latent")
+        if recorded != self.options["rpa_warp"]:
+            logger.warning("%s: the model was trained with rpa_warp %r; using it instead of %r", self.name, recorded, self.options["rpa_warp"])
+            self.options["rpa_warp"] = recorded
+            self.needs_pixels = recorded == "pixels"
         return model
 
     def null_embeddings(self) -> tuple[str, ...]:
         return (NULL_POSE_MEAN, NULL_POSE_STD)
 
+    def frozen_vae(self) -> Any:
+        """The dataset's own VAE (rebuilt from the card, fingerprint checked), built once and
+        shared by the guidance's decoder and the pixel warp's encoder."""
+        if self._vae is None:
+            self._vae = rebuild_extractor(self.card, VAE_NEED, self.name).build_model()
+        return self._vae
+
     def field(self, device: torch.device) -> PoseInteractionField:
         """The frozen VAE + HigherHRNet of the dataset, built once, on `device`."""
         if self._field is None:
-            self._field = interaction_field(self.card, VAE_NEED, HRNET_NEED, self.name, self.scaling_factor)
+            self._field = interaction_field(self.card, VAE_NEED, HRNET_NEED, self.name, self.scaling_factor, vae=self.frozen_vae())
         return self._field.to(device)
+
+    def source_encoder(self, device: torch.device) -> VaeSourceEncoder:
+        """Eq. 9's Encoder for `rpa_warp` "pixels": the dataset's frozen VAE encoder, on `device`."""
+        if self._encoder is None:
+            self._encoder = VaeSourceEncoder(self.frozen_vae(), self.scaling_factor)
+        return self._encoder.to(device)
+
+    def pixel_inputs(self, model: RePoseDMModel, pixels: Callable[[], torch.Tensor], device: torch.device,
+                     dtype: torch.dtype) -> dict[str, Any]:
+        """`pixels` / `encode` keyword arguments for the model: empty unless it warps pixels."""
+        if model.config.alignment != "rpa" or model.config.rpa_warp != "pixels":
+            return {}
+        return {"pixels": pixels().to(device, dtype), "encode": self.source_encoder(device)}
 
     # ---- data ---------------------------------------------------------------------------
 
@@ -307,6 +378,8 @@ class RePoseDMPlugin(UNetPlugin):
         batch["pose_mean"][drop] = self.null(NULL_POSE_MEAN)
         batch["pose_std"][drop] = self.null(NULL_POSE_STD)
         batch["keep"] = (~drop).float()
+        if self.needs_pixels:
+            batch[SOURCE_PIXELS] = source_pixels(sources, self.name)
         return batch
 
     # ---- training -----------------------------------------------------------------------
@@ -318,7 +391,15 @@ class RePoseDMPlugin(UNetPlugin):
         pose = sample_latent(batch["pose_mean"], batch["pose_std"], s, generator)
         step = self.objective.noisy(target, generator, self.noise_scheduler)
         dtype = model_dtype(model)
-        output, warped = model(step.noisy.to(dtype), step.timesteps, pose.to(dtype), source.to(dtype), batch["keep"])
+
+        def pixels() -> torch.Tensor:
+            if SOURCE_PIXELS not in batch:
+                raise ValueError(f"{self.name}: the model warps the source pixels (rpa_warp 'pixels') but the batch has no images; "
+                                 "train it with --rpa-warp pixels")
+            return batch[SOURCE_PIXELS]
+
+        output, warped = model(step.noisy.to(dtype), step.timesteps, pose.to(dtype), source.to(dtype), batch["keep"],
+                               **self.pixel_inputs(model, pixels, source.device, dtype))
         output = output.float()
         lam = float(self.options["pose_guidance"])
         if lam:
@@ -359,7 +440,7 @@ class RePoseDMPlugin(UNetPlugin):
         sf = self.scaling_factor
         source = sample_latent(stack(sources, MEAN).to(device), stack(sources, STD).to(device), sf, generator).to(dtype)
         pose = sample_latent(stack(targets, POSE_MEAN).to(device), stack(targets, POSE_STD).to(device), sf, generator).to(dtype)
-        context, _ = model.context(source, pose)
+        context, _ = model.context(source, pose, **self.pixel_inputs(model, lambda: source_pixels(sources, self.name), device, dtype))
         if s.guidance_scale > 1.0:
             bsz = len(pairs)
             null_mean = self.null(NULL_POSE_MEAN).to(device).expand(bsz, -1, -1, -1)
@@ -388,3 +469,12 @@ class RePoseDMPlugin(UNetPlugin):
                           num_inference_steps=s.num_inference_steps, device=device, dtype=dtype, guidance_scale=s.guidance_scale,
                           guidance_rescale=s.guidance_rescale, generator=generator, step_hook=hook)
         return latents.float() / sf
+
+
+def source_pixels(samples: list[dict[str, Any]], plugin: str) -> torch.Tensor:
+    """The samples' stored images as [-1, 1] float32 [B, 3, H, W] (the VAE extractor's own
+    preprocessing, so a re-encoding of an unwarped image is the stored latent)."""
+    missing = [s.get("__key__") for s in samples if "image" not in s]
+    if missing:
+        raise ValueError(f"{plugin}: samples {missing} have no image (read them with pixels)")
+    return VaeExtractor.preprocess([s["image"] for s in samples])

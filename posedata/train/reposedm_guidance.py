@@ -130,10 +130,11 @@ def guidance_term(
     return (1.0 - abar).sqrt() * grad.float(), energy
 
 
-def interaction_field(card: dict[str, Any], vae_need: str, pose_need: str, plugin: str, scaling_factor: float) -> PoseInteractionField:
-    """G_phi with the dataset's own VAE (`vae_need`) and HigherHRNet (`pose_need`), on CPU."""
+def interaction_field(card: dict[str, Any], vae_need: str, pose_need: str, plugin: str, scaling_factor: float, vae: Any = None) -> PoseInteractionField:
+    """G_phi with the dataset's own VAE (`vae_need`; or `vae`, already rebuilt from it) and
+    HigherHRNet (`pose_need`), on CPU."""
     from posedata.train.plugin import rebuild_extractor
 
-    vae = rebuild_extractor(card, vae_need, plugin).build_model()
+    vae = vae if vae is not None else rebuild_extractor(card, vae_need, plugin).build_model()
     pose_net = rebuild_extractor(card, pose_need, plugin).build_net()
     return PoseInteractionField(vae, pose_net, scaling_factor)

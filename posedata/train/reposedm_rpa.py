@@ -24,18 +24,23 @@ which the paper cites as [4] together with IHN [3] and LocalTrans [31]:
   `four_point_disp + delta`; eq. 7's product is composition of homographies) and every
   iteration re-warps the ORIGINAL source with the accumulated flow and re-encodes it (eq. 9,
   RHWF `warp(image2_org, flow_med)` then `self.encoder`).
-- Departures: the warp acts on the stored VAE latent of the source (grid_sample at latent
-  resolution) and the re-encoding is a small learned conv encoder on that latent, not the
-  VAE encoder on warped pixels (which would need the images and a VAE forward per
-  iteration); the flow is NOT detached before the warp (RHWF detaches because each
+- What is warped (`RPA_WARPS`): "latent" (default) warps the stored VAE latent of the source
+  (grid_sample at latent resolution) and re-encodes it with the learned conv encoder of
+  depth D, no VAE in the step (a departure: cheap); "pixels" is eq. 9 as written,
+  F_S^n = Encoder(W(I_S; F^n)) with Encoder the VAE encoder ("Encoder is obtained from VAE
+  encoder", sec. 3.2): the flow is upsampled to the image (RHWF `F.upsample_bilinear(flow,
+  [4, 4]) * 4`, here x H/h), the source IMAGE is warped and the frozen VAE encoder
+  (`VaeSourceEncoder`, the dataset's own) re-encodes it, then the same conv of depth D as
+  for the initial F_S. The flow is NOT detached before the warp (RHWF detaches because each
   iteration's homography is supervised directly; without a warp loss the flow learns only
-  through the warp).
+  through the warp, so with "pixels" the gradient goes back through the frozen encoder).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +48,8 @@ from torch import nn
 
 # RHWF rhwf.py `kernel_list_0`: window size per iteration, 0 = global.
 RHWF_KERNELS: tuple[int, ...] = (0, 9, 5, 3, 3, 3)
+# what eq. 9 re-warps: the stored source latent (default) or the source image's pixels
+RPA_WARPS = ("latent", "pixels")
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: int) -> torch.Tensor:
@@ -90,6 +97,37 @@ def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     grid_y = 2.0 * coords[:, 1] / max(h - 1, 1) - 1.0
     grid = torch.stack([grid_x, grid_y], dim=-1)
     return F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def upsample_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A flow [B, 2, h, w] in latent pixels -> [B, 2, H, W] in image pixels: bilinear with
+    aligned corners, x scaled by W / w and y by H / h (RHWF rhwf.py:165,
+    `F.upsample_bilinear(flow_med, None, [4, 4]) * 4`)."""
+    height, width = size
+    h, w = flow.shape[-2:]
+    up = F.interpolate(flow, size=(height, width), mode="bilinear", align_corners=True)
+    scale = torch.tensor([width / w, height / h], device=flow.device, dtype=flow.dtype).view(1, 2, 1, 1)
+    return up * scale
+
+
+class VaeSourceEncoder:
+    """Eq. 9's Encoder for the pixel warp: the frozen VAE encoder (eval mode, no parameter
+    gradients; gradients still reach its input, so the flow learns through it). [-1, 1]
+    pixels [B, 3, H, W] -> the scaled posterior mean [B, 4, H/8, W/8] (the mode: a
+    deterministic re-encoding), in the pixels' dtype."""
+
+    def __init__(self, vae: Any, scaling_factor: float):
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(scaling_factor)
+
+    def to(self, device: torch.device | str) -> VaeSourceEncoder:
+        self.vae.to(device)
+        return self
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vae.parameters()).dtype
+        mean = self.vae.encode(pixels.to(dtype)).latent_dist.mean
+        return (mean * self.scaling_factor).to(pixels.dtype)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -180,7 +218,10 @@ class RecurrentPoseAlignment(nn.Module):
     scaled VAE latents). `iterations` = N recurrent passes after the initial one (N = 5 in
     the paper); `kernels` the region size of each pass (RHWF's, the last one repeated).
 
-    forward -> (F_S^N [B, D, h, w], warped source latent [B, 4, h, w], flow [B, 2, h, w])."""
+    forward -> (F_S^N [B, D, h, w], warped source latent [B, 4, h, w], flow [B, 2, h, w]).
+    With `pixels` (the source image, [-1, 1] [B, 3, H, W]) and `encode` (pixels -> scaled
+    latent, `VaeSourceEncoder`) every iteration warps the image instead of z_S and
+    re-encodes it (eq. 9 on pixels); the warped latent returned is that re-encoding."""
 
     def __init__(self, latent_channels: int = 4, dim: int = 96, radius: int = 4, iterations: int = 5, kernels: Sequence[int] = RHWF_KERNELS):
         super().__init__()
@@ -195,7 +236,10 @@ class RecurrentPoseAlignment(nn.Module):
     def kernel(self, step: int) -> int:
         return self.kernels[min(step, len(self.kernels) - 1)]
 
-    def forward(self, source: torch.Tensor, pose: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, source: torch.Tensor, pose: torch.Tensor, pixels: torch.Tensor | None = None,
+                encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if (pixels is None) != (encode is None):
+            raise ValueError("the pixel warp needs both the source pixels and the encoder")
         pose_features = self.pose_encoder(pose)
         source_features = self.source_encoder(source)
         flow = source.new_zeros(source.shape[0], 2, *source.shape[-2:])
@@ -204,6 +248,7 @@ class RecurrentPoseAlignment(nn.Module):
             mapped_source, mapped_pose = self.mapformer(source_features, pose_features, self.kernel(step))
             correlation = local_correlation(mapped_pose, mapped_source, self.radius)
             flow = flow + self.aggregator(correlation, flow)
-            warped = warp(source, flow)  # the ORIGINAL source, accumulated flow (eq. 9)
+            # the ORIGINAL source, accumulated flow (eq. 9)
+            warped = warp(source, flow) if pixels is None else encode(warp(pixels, upsample_flow(flow, pixels.shape[-2:])))
             source_features = self.source_encoder(warped)
         return source_features, warped, flow
