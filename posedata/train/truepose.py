@@ -27,6 +27,10 @@ public code: Moore-AnimateAnyone (the paper's own ablation B2 is "the original a
   reweighted attention and CAA's region choice run once per pair and are reused every step.
 - Training: epsilon MSE on SD-1.5's scaled-linear schedule, AdamW lr 1e-5 constant
   (Sec. 4.4), weight decay 1e-2 and max grad norm 1.0 (Moore's stage-1 config).
+- Style transfer (Sec. 5.4): the sample option `style_region` blends, at every step, the noise
+  predicted from the source (the donor) with the noise predicted from the target (the
+  reference image, its own stored features) by the reference's parsing mask
+  (`posedata.train.truepose_style`).
 """
 
 from __future__ import annotations
