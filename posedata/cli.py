@@ -374,7 +374,7 @@ def _train_command(name: str, cls) -> click.Command:
         click.Option(["--checkpoint-every", "checkpoint_every"], type=int, default=None, help=preset("checkpoint_every", "Steps between checkpoints.")),
         click.Option(["--log-every", "log_every"], type=int, default=None, help=preset("log_every", "Steps between log flushes.")),
         click.Option(["--num-workers"], type=int, default=0, show_default=True, help="DataLoader worker processes."),
-        click.Option(["--overwrite"], is_flag=True, help="Delete the run directory first and start over."),
+        click.Option(["--overwrite"], is_flag=True, help="Start over: remove the run's own checkpoints, config and logs at --out first (nothing else there)."),
         click.Option(["--ema-decay", "ema_decay"], type=float, default=None, help="Keep an EMA of the weights with this decay (e.g. 0.9999), saved as checkpoint-<step>/ema/."),
         click.Option(["--gradient-checkpointing/--no-gradient-checkpointing", "gradient_checkpointing"], default=None, help="Recompute activations in backward (less memory, slower)."),
         click.Option(["--attention"], type=click.Choice(ATTENTION_MODES), default=None, help=preset("attention", "sdpa: torch scaled_dot_product_attention on every diffusers attention layer; keep: as the model built it.")),

@@ -182,3 +182,38 @@ def test_symlink_under_root_into_out_is_a_reject_and_reruns_resume(photos, tmp_p
     assert sorted(r["source_path"] for r in manifest) == ["alice/p0.jpg", "alice/p1.jpg", "alice/p2.jpg"]
     again = invoke(*build_args(photos, out))
     assert again.exit_code == 0, again.output
+
+
+def train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "pcdm-prior", "--shards", str(dataset), "--out", str(out), "--weights", "tiny", "--max-steps", "1", "--batch-size", "2", *extra]
+
+
+def test_train_out_that_holds_other_files_is_refused_even_with_overwrite(tiny_dataset, tmp_path):
+    """`posedata train --overwrite` once removed the whole --out folder; now a folder that is
+    not a training run is refused, with or without --overwrite, and not one file goes."""
+    dataset = tiny_dataset(features="openpose,clip")
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": true}')
+    (mine / "thesis.tex").write_text("keep me")
+    before = digest(mine)
+    for extra in ((), ("--overwrite",)):
+        message = error_line(invoke(*train_args(dataset, mine, *extra)))
+        assert str(mine) in message and "holds no posedata training run" in message
+        assert digest(mine) == before
+
+
+def test_train_overwrite_removes_only_the_runs_own_entries(tiny_dataset, tmp_path):
+    dataset = tiny_dataset(features="openpose,clip")
+    run = tmp_path / "run"
+    first = invoke(*train_args(dataset, run))
+    assert first.exit_code == 0, first.output
+    assert (run / "checkpoint-1").is_dir()
+    (run / "notes.txt").write_text("my notes on this run")
+    (run / "samples").mkdir()
+    (run / "samples" / "keep.png").write_bytes(b"png")
+    again = invoke(*train_args(dataset, run, "--overwrite", "--max-steps", "2", "--checkpoint-every", "2"))
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]  # the old run's checkpoint went
+    assert (run / "notes.txt").read_text() == "my notes on this run"
+    assert (run / "samples" / "keep.png").read_bytes() == b"png"

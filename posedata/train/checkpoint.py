@@ -28,10 +28,57 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from posedata.errors import PosedataError
+
 logger = logging.getLogger("posedata.train.trainer")
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 EMA_SCHEDULE = "diffusers EMAModel: decay_n = min(ema_decay, (1 + n) / (10 + n)), n = updates - 1 (0 at the first update: a copy)"
+
+
+# ---- the run folder -------------------------------------------------------------------------
+
+# What a training run writes into its --out, and nothing else: `--overwrite` removes these.
+RUN_FILES = ("config.json", "loss.csv", "loss.png", "summary.json")
+RUN_ENTRY_RE = re.compile(r"^(\.tmp-)?checkpoint-\d+$|^config\.prev-\d+\.json$")
+
+
+class RunFolderError(PosedataError, FileExistsError):
+    """--out of `posedata train` holds something that is not a training run."""
+
+
+def is_run_folder(out: Path) -> bool:
+    """A folder a training run wrote: its config.json names a plugin class, or it holds a checkpoint."""
+    if any(CHECKPOINT_RE.match(p.name) for p in out.iterdir()):
+        return True
+    try:
+        return "plugin_class" in json.loads((out / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_run_folder(out: Path, overwrite: bool) -> None:
+    """Before a run writes anything: --out must be new, empty or a training run (a run
+    would replace a config.json or loss.csv of yours); with `overwrite`, remove only the
+    run's own entries (RUN_FILES, checkpoints, earlier configs), never anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder; choose a folder (it is created if missing)")
+    entries = sorted(out.iterdir())
+    if entries and not is_run_folder(out):
+        raise RunFolderError(
+            f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[0].name!r}) and holds no posedata training run: "
+            "a run writes only into a new or empty folder or one a run made (--overwrite never deletes anything else); choose another --out"
+        )
+    if overwrite:
+        for entry in entries:
+            if entry.name in RUN_FILES and entry.is_file():
+                entry.unlink()
+            elif RUN_ENTRY_RE.match(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif RUN_ENTRY_RE.match(entry.name):
+                entry.unlink()
 
 
 # ---- checkpoints --------------------------------------------------------------------------

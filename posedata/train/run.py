@@ -14,8 +14,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +23,7 @@ import torch
 
 from posedata.reader import Dataset, GroupStream, PairStream
 from posedata.train import plugin_class
+from posedata.train.checkpoint import check_run_folder
 from posedata.train.plugin import Plugin
 from posedata.train.trainer import batch_seed, train, use_cpu
 
@@ -193,8 +194,8 @@ def run_training(
 
     state = PartialState(cpu=use_cpu())
     rank, world_size = state.process_index, state.num_processes
-    if overwrite and state.is_main_process and os.path.isdir(out):
-        shutil.rmtree(out)
+    if state.is_main_process:
+        check_run_folder(Path(os.path.expanduser(out)), overwrite)
     state.wait_for_everyone()
     dataset = Dataset(shards, storage_options)
     plugin = plugin_class(plugin_name)(dataset.card, weights=weights, model=model, preset=preset, **(options or {}))
