@@ -355,18 +355,6 @@ class DatasetLocation:
     def glob(self, pattern: str) -> list[str]:
         return self._retry("list", self.path(pattern), lambda: sorted(self.fs.glob(self.path(pattern))))
 
-    def remove_tree(self) -> None:
-        if not self.exists(self.root):
-            return
-
-        def remove() -> None:
-            try:
-                self.fs.rm(self.root, recursive=True)
-            except FileNotFoundError:
-                pass  # removed by an earlier attempt whose answer was lost
-
-        self._retry("delete", self.root, remove)
-
     def card(self) -> dict[str, Any]:
         path = self.path(CARD)
         if not self.exists(path):
