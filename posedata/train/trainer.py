@@ -169,7 +169,9 @@ def train(
             "ema": {"decay": cfg.ema_decay, "schedule": EMA_SCHEDULE, "implementation": "diffusers.training_utils.EMAModel"} if cfg.ema_decay else None,
             **model_settings,
             "null_embeddings": {k: list(np.shape(v)) for k, v in (null_embeddings or {}).items()},
-            "data": run_info,
+            # whether the reader decodes images is the plugin's once the model is built (a
+            # loaded RePoseDM model can switch it on: rpa_warp "pixels")
+            "data": {**run_info, "pixels": plugin.needs_pixels} if "pixels" in run_info else run_info,
         })
         log = LossLog(out / "loss.csv", step)
 
