@@ -290,8 +290,7 @@ def test_eval_reads_what_posedata_sample_writes(tmp_path, fixtures_dir):
     assert result.exit_code == 0, result.output
     result = run("sample", "pcdm", "--shards", ds, "--split", "train", "--refine", refine, "--out", out, "-n", 3, "--steps", 2)
     assert result.exit_code == 0, result.output
-    if not (out / "samples.parquet").is_file():
-        pytest.skip("`posedata sample pcdm` wrote no samples.parquet (source_key, target_key, file): the sampling side of that contract is not in this checkout")
+    assert (out / "samples.parquet").is_file(), "`posedata sample pcdm` must write samples.parquet (source_key, target_key, file)"
     result = run("extend", ds, "--features", "fid_ref:pcdms", "--weights", "random", "--executor", "local")
     assert result.exit_code == 0, result.output
     result = run("eval", out, "--shards", ds, "--weights", "random", "--split", "train")
