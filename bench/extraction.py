@@ -69,6 +69,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "bench"))  # limits.py: the physical bounds
 
+from report import git_commit, render_earlier, write_report  # noqa: E402
+
 import posedata.pipeline
 from posedata.build import BuildConfig, build, decode_rows, make_plan, upstream_folders
 from posedata.extractors import (
@@ -404,10 +406,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.render:
-        result = json.loads(Path(args.render).read_text())
-        table = markdown(result)
-        Path(args.render).with_suffix(".md").write_text(table)
-        print(table)
+        render_earlier(args.render, markdown)
         return
 
     import ray
@@ -457,13 +456,7 @@ def main() -> None:
         result = {
             "command": "python bench/extraction.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                check=False,
-            ).stdout.strip(),
+            "git": git_commit(),
             "machine": machine(),
             "load_average_at_start": os.getloadavg(),
             "ray_resources": {k: v for k, v in resources.items() if k in ("CPU", "GPU")},
@@ -569,11 +562,7 @@ def main() -> None:
 
     result["complete"] = True
     result["load_average_at_end"] = os.getloadavg()
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    write_report(out, result, markdown)
 
 
 def machine() -> str:

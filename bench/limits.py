@@ -64,7 +64,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -73,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import git_commit, render_earlier, write_report  # bench/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -445,10 +445,7 @@ def main() -> None:
     parser.add_argument("--render", metavar="JSON", help="only print (and write beside it) the tables of an earlier run's JSON")
     args = parser.parse_args()
     if args.render:
-        result = json.loads(Path(args.render).read_text())
-        table = markdown(result)
-        Path(args.render).with_suffix(".md").write_text(table)
-        print(table)
+        render_earlier(args.render, markdown)
         return
 
     import torch
@@ -548,7 +545,7 @@ def main() -> None:
     result = {
         "command": "python bench/limits.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip(),
+        "git": git_commit(),
         "torch": torch.__version__,
         "resolution": list(res),
         "seconds": time.perf_counter() - started,
@@ -559,13 +556,7 @@ def main() -> None:
         "extraction": extraction,
         "training": training,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    write_report(args.out, result, markdown)
 
 
 def si(value: float | None, unit: str = "", digits: int = 3) -> str:

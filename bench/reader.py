@@ -53,6 +53,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from report import git_commit, write_report  # bench/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 LIMITS_DATA = RESULTS / "limits_data" / "random-512x352" / "ds"
@@ -286,18 +288,12 @@ def main() -> None:
     result = {
         "command": "python bench/reader.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip(),
+        "git": git_commit(),
         "load_average": os.getloadavg(),
         "settings": vars(args),
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    write_report(args.out, result, markdown)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from report import git_commit  # bench/ is on sys.path when a script runs
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -94,7 +95,7 @@ def main() -> None:
                      "step_latent": step,
                      "step_pixels": None if step is None else step + pixels["flops_per_sample"] - latent["flops_per_sample"]})
     result = {"command": " ".join(sys.argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip(),
+              "git": git_commit(),
               "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reposedm_rpa_cost.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -38,6 +37,7 @@ sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))
 
 from extraction import machine, make_photos  # noqa: E402
+from report import git_commit, write_report  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 # The default feature set of the commits before pose_latent (e97cccb and older): what both
@@ -125,7 +125,7 @@ def main() -> None:
         result = {
             "command": "python bench/small_build.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip(),
+            "git": git_commit(),
             "machine": machine(),
             "load_average_at_start": os.getloadavg()[0],
             "images": args.images,
@@ -146,13 +146,7 @@ def main() -> None:
         result["load_average_at_end"] = os.getloadavg()[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    write_report(args.out, result, markdown)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tarfile
 import time
@@ -44,6 +43,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from report import git_commit  # noqa: E402
 
 from posedata.extractors.base import numpy_store_dtype, stored_dtype_label
 from posedata.images import decode_image, encode_jpeg, encode_png, resize
@@ -531,12 +532,6 @@ def environment(argv: list[str]) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     return {
         "command": "python " + " ".join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -545,7 +540,7 @@ def environment(argv: list[str]) -> dict:
         "numpy": np.__version__,
         "torch": torch.__version__,
         "pillow": PIL.__version__,
-        "git_commit": commit,
+        "git_commit": git_commit(),
     }
 
 

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -63,6 +62,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 sys.path.insert(0, str(REPO / "bench"))  # limits.py: the physical bounds
+
+from report import git_commit, write_report  # noqa: E402
 
 from posedata.extractors import create_extractor
 from posedata.reader import Dataset, GroupStream, PairStream
@@ -447,17 +448,13 @@ def environment(argv: list[str], device: str) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
     except OSError:
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     env = {
         "command": "python bench/train_cost.py " + " ".join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "git_commit": commit,
+        "git_commit": git_commit(),
     }
     try:
         env["load_average"] = [round(v, 2) for v in os.getloadavg()]
@@ -540,14 +537,8 @@ def main(argv: list[str] | None = None) -> None:
         "goals": {"speedup": GOALS, "loader_overhead": LOADER_OVERHEAD_GOAL},
         "tiny": "at --weights tiny the encoders are tiny too: the speed-up is not representative of paper size",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    md = markdown(report)
-    out.with_suffix(".md").write_text(md)
-    print()
-    print(md)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_report(args.out, report, markdown)
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
 
 
 if __name__ == "__main__":
