@@ -63,7 +63,7 @@ from posedata.shards import (
     duplicates_text,
     write_shard,
 )
-from posedata.sources.common import OWN_OUTPUT_REASON, not_reading
+from posedata.sources.common import OWN_OUTPUT_REASON, is_inside, not_reading
 
 log = logging.getLogger("posedata.build")
 
@@ -316,10 +316,6 @@ def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str,
     return summary
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def check_output(config: BuildConfig) -> DatasetLocation:
     """The output location, once it is known to be safe to write to, before anything is read
     or written: never the source folder, a folder inside it or one that holds it (an
@@ -339,8 +335,8 @@ def check_output(config: BuildConfig) -> DatasetLocation:
     if location.is_local:
         out_path = os.path.realpath(location.root)
         root_path = os.path.realpath(os.path.expanduser(config.root))
-        if _inside(out_path, root_path) or _inside(root_path, out_path):
-            where = "is" if out_path == root_path else ("is inside" if _inside(out_path, root_path) else "holds")
+        if is_inside(out_path, root_path) or is_inside(root_path, out_path):
+            where = "is" if out_path == root_path else ("is inside" if is_inside(out_path, root_path) else "holds")
             raise BuildError(
                 f"--out {out_path} {where} the source folder --root {root_path}: a dataset must live apart from its photos "
                 "(a build would read its own output, and --overwrite would delete the photos); choose an --out outside --root"
@@ -401,14 +397,13 @@ def input_listing(plan: BuildPlan) -> pa.Table:
     # a link into --out leads to what the build itself writes: its time and size change
     own_output = {r.path for r in plan.scan.rejects if r.reason == OWN_OUTPUT_REASON}
     for path in sorted({r.path for r in plan.scan.records} | {r.path for r in plan.scan.rejects}):
-        if path in own_output:
-            rows.append({"path": os.path.relpath(path, root) if os.path.isabs(path) else path, "size": -1, "mtime_ns": -1})
-            continue
-        try:
-            info = os.stat(path)
-            size, mtime = info.st_size, info.st_mtime_ns
-        except OSError:  # a list entry without its file, a broken link
-            size, mtime = -1, -1
+        size = mtime = -1  # also for a list entry without its file, a broken link
+        if path not in own_output:
+            try:
+                info = os.stat(path)
+                size, mtime = info.st_size, info.st_mtime_ns
+            except OSError:
+                pass
         rows.append({"path": os.path.relpath(path, root) if os.path.isabs(path) else path, "size": size, "mtime_ns": mtime})
     scan = {
         "records": [[r.key, r.split, r.group, os.path.relpath(r.path, root), r.annotations] for r in plan.scan.records],

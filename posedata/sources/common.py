@@ -79,8 +79,13 @@ def not_reading(*folders: str) -> Iterator[None]:
         _NOT_READ.reset(token)
 
 
-def _inside_any(real: str, folders: tuple[str, ...]) -> str | None:
-    return next((f for f in folders if real == f or real.startswith(f.rstrip(os.sep) + os.sep)), None)
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it (both already resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _inside_any(real: str, folders: tuple[str, ...]) -> bool:
+    return any(is_inside(real, f) for f in folders)
 
 
 def list_files(directory: Path) -> FileListing:

@@ -167,16 +167,15 @@ class Objective:
 
 
 def drop_conditions(
-    batch: dict[str, torch.Tensor | np.ndarray],
-    nulls: Mapping[str | tuple[str, ...], torch.Tensor | np.ndarray | float],
+    batch: dict[str, torch.Tensor],
+    nulls: Mapping[str | tuple[str, ...], torch.Tensor | float],
     p: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Classifier-free-guidance dropout in place: for each entry of `nulls` (in order; a key
     or a tuple of batch keys dropped together), the rows where a uniform draw < p take the
     null value (a stored null embedding, broadcast to one row, or a number such as 0).
-    One draw per row and entry, `torch.rand((B, len(nulls)))`. Returns that boolean mask.
-    Batch entries may be tensors or numpy arrays (a collate that converts once, at the end)."""
+    One draw per row and entry, `torch.rand((B, len(nulls)))`. Returns that boolean mask."""
     bsz = next(iter(batch.values())).shape[0]
     if p <= 0:
         return torch.zeros((bsz, len(nulls)), dtype=torch.bool)
@@ -189,14 +188,10 @@ def drop_conditions(
         if not rows:
             continue
         for key in (keys,) if isinstance(keys, str) else keys:
-            target = batch[key]
-            if isinstance(target, np.ndarray):
-                fill = value.cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
-                target[rows] = fill.astype(target.dtype).reshape(target.shape[1:]) if fill.ndim else fill
-            elif torch.is_tensor(value):
-                target[rows] = value.to(target.dtype).reshape(target.shape[1:])
+            if torch.is_tensor(value):
+                batch[key][rows] = value.to(batch[key].dtype).reshape(batch[key].shape[1:])
             else:
-                target[rows] = value
+                batch[key][rows] = value
     return drop
 
 

@@ -334,14 +334,14 @@ class PcdmPriorPlugin(Plugin):
 
     # ---- data -------------------------------------------------------------------------
 
-    # numpy throughout and one tensor per key at the end: on small models a tensor op per
-    # sample costs more than the prior's step (bench/README.md, reader section).
-    def _poses(self, pairs: list[dict[str, Any]], side: str) -> np.ndarray:
-        return normalise_pose(np.stack([p[side][POSE_NAME] for p in pairs]), self.height, self.width)
+    # one numpy stack per key, not a tensor per sample: on small models per-sample tensor
+    # ops cost more than the prior's step (bench/README.md, reader section)
+    def _poses(self, pairs: list[dict[str, Any]], side: str) -> torch.Tensor:
+        return torch.from_numpy(normalise_pose(np.stack([p[side][POSE_NAME] for p in pairs]), self.height, self.width))
 
     @staticmethod
-    def _embeds(pairs: list[dict[str, Any]], side: str) -> np.ndarray:
-        return np.stack([p[side]["clip.embeds"] for p in pairs]).astype(np.float32, copy=False)
+    def _embeds(pairs: list[dict[str, Any]], side: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([p[side]["clip.embeds"] for p in pairs]).astype(np.float32, copy=False))
 
     def collate(self, pairs: list[dict[str, Any]], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """-> source_embeds, target_embeds [B, D] (raw CLIP space), source_pose,
@@ -356,7 +356,7 @@ class PcdmPriorPlugin(Plugin):
             if NULL_NAME not in self.nulls:
                 raise ValueError("pcdm-prior drops the source image by its stored null embedding; call set_null_embeddings first")
             drop_conditions(batch, {"source_embeds": self.null(NULL_NAME), "source_pose": 0.0, "target_pose": 0.0}, self.drop_prob, generator)
-        return {k: torch.from_numpy(v) for k, v in batch.items()}
+        return batch
 
     # ---- training -----------------------------------------------------------------------
 
@@ -382,9 +382,9 @@ class PcdmPriorPlugin(Plugin):
         null = self.null(NULL_NAME) if NULL_NAME in self.nulls else None
         return sample_prior(
             model,
-            torch.from_numpy(self._embeds(pairs, "source")),
-            torch.from_numpy(self._poses(pairs, "source")),
-            torch.from_numpy(self._poses(pairs, "target")),
+            self._embeds(pairs, "source"),
+            self._poses(pairs, "source"),
+            self._poses(pairs, "target"),
             null_embeds=null,
             guidance_scale=s.guidance_scale,
             num_inference_steps=s.num_inference_steps,
