@@ -73,6 +73,10 @@ class Plugin:
         if unknown:
             raise ValueError(f"{self.name}: unknown option(s) {unknown}; known: {sorted(known) or 'none'}")
         self.options = {**known, **{k: v for k, v in options.items() if v is not None}}
+        for option in self.train_options:  # the CLI checks choices too; the Python API needs it here
+            value = self.options[option.name]
+            if option.choices and value is not None and value not in option.choices:
+                raise ValueError(f"{self.name}: {option.name} must be one of {list(option.choices)}, got {value!r}")
         self.nulls: dict[str, np.ndarray] = {}
 
     @property

@@ -292,10 +292,6 @@ class RePoseDMPlugin(UNetPlugin):
             raise ValueError(f"{self.name}: pose latents {pose_shape} and image latents {self.latent_shape} differ")
         if "pose_features.npy" not in feature_card(card, HRNET_NEED, self.name)["outputs"]:
             raise ValueError(f"{self.name}: the dataset's {HRNET_NEED} feature has no pose_features.npy")
-        if self.options["guidance_latents"] not in GUIDANCE_LATENTS:
-            raise ValueError(f"{self.name}: guidance_latents must be one of {GUIDANCE_LATENTS}")
-        if self.options["rpa_warp"] not in RPA_WARPS:
-            raise ValueError(f"{self.name}: rpa_warp must be one of {RPA_WARPS}, got {self.options['rpa_warp']!r}")
         if self.options["rpa_warp"] == "pixels" and self.options["alignment"] != "rpa":
             raise ValueError(f"{self.name}: --rpa-warp pixels warps inside Recurrent Pose Alignment; --alignment {self.options['alignment']} has none")
         self.needs_pixels = self.options["rpa_warp"] == "pixels"  # the reader then decodes the stored images
