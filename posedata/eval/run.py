@@ -106,7 +106,7 @@ def evaluate(
         # Shard by shard, a chunk of pairs at a time: a full test set never sits in memory.
         for shard in sorted(by_shard):
             wanted_keys = {pairs[i]["target_key"] for i in by_shard[shard]}
-            targets = {s["__key__"]: s for s in dataset.read_shard(shard, columns, pixels=True) if s["__key__"] in wanted_keys}
+            targets = stored_samples(dataset, wanted_keys, located, columns)
             for at in range(0, len(by_shard[shard]), CHUNK):
                 chunk = by_shard[shard][at : at + CHUNK]
                 files = [measure.files(targets[pairs[i]["target_key"]], samples_dir_path / pairs[i]["file"]) for i in chunk]
@@ -331,11 +331,11 @@ def locate(dataset: Dataset, keys: set[str]) -> dict[str, tuple[str, str]]:
     return found
 
 
-def stored_samples(dataset: Dataset, keys: set[str], located: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
-    """The dataset's samples (stored image) of `keys`, read shard by shard."""
+def stored_samples(dataset: Dataset, keys: set[str], located: dict[str, tuple[str, str]], columns: list | None = None) -> dict[str, dict[str, Any]]:
+    """The dataset's samples (stored image, and `columns`) of `keys`, read shard by shard."""
     out = {}
     for shard in sorted({located[k][0] for k in keys}):
-        for s in dataset.read_shard(shard, [], pixels=True):
+        for s in dataset.read_shard(shard, columns or [], pixels=True):
             if s["__key__"] in keys:
                 out[s["__key__"]] = s
     return out
