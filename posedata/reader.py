@@ -87,7 +87,7 @@ class Dataset:
         except ValueError as e:  # json.JSONDecodeError: a truncated or damaged card
             raise DatasetError(f"{self.location.url_of(self.location.path(CARD))}: not a readable dataset card ({e}); rebuild the dataset or restore the file") from None
         self._manifest = None
-        self._shards_info: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] | None = None
+        self._shards_info: dict[str, tuple[list[str], dict[str, tuple[str, str]]]] = {}
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -126,8 +126,6 @@ class Dataset:
     def _shard_info(self, shard: str) -> tuple[list[str], dict[str, tuple[str, str]]]:
         """(keys in index order, {key: (split, group)}) of one shard, from the manifest; kept,
         as a reader asks again every epoch."""
-        if self._shards_info is None:
-            self._shards_info = {}
         if shard not in self._shards_info:
             rows = self.manifest.filter(pc.equal(self.manifest["shard"], shard))
             order = np.argsort(rows["index"].to_numpy())
