@@ -267,10 +267,10 @@ def check_options(config: BuildConfig) -> None:
     check_feature_options(list(config.features or DEFAULT_FEATURES), config.batch_sizes, config.models, also=("keypoints_annotated",))
 
 
-def check_feature_options(features: list[str], batch_sizes: dict[str, Any], models: dict[str, str], also: tuple[str, ...] = ()) -> list[str]:
+def check_feature_options(features: list[str], batch_sizes: dict[str, Any], models: dict[str, str], also: tuple[str, ...] = ()) -> None:
     """`--features` names known features and presets; `--batch-size` and `--model` name
     features of this run (or `also`, features a run may add itself), batch sizes whole
-    numbers >= 1. The features with their dependencies, in order."""
+    numbers >= 1 (build and extend, before anything is read)."""
     try:
         specs = dependency_order(list(features))
         for spec in specs:
@@ -287,7 +287,6 @@ def check_feature_options(features: list[str], batch_sizes: dict[str, Any], mode
                 raise BuildError(f"{option} {feature}={value}: {feature!r} is not a feature of this run (features: {', '.join(specs)})")
             if option == "--batch-size" and (not isinstance(value, int) or value < 1):
                 raise BuildError(f"--batch-size {feature}={value}: the batch size must be a whole number of at least 1")
-    return specs
 
 
 def build(config: BuildConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:

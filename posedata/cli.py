@@ -232,15 +232,11 @@ def extend(url, features, preset, models, batch_sizes, storage_options, verbose,
     specs = _feature_specs(features, preset)
     if not specs:
         raise click.BadParameter("name the features to add with --features or --preset")
-    from posedata.build import check_feature_options
-
-    sizes, model_ids = parse_batch_sizes(batch_sizes), parse_assignments(models, "FEATURE=HUB_ID_OR_DIR")
-    check_feature_options(specs, sizes, model_ids)
     config = ExtendConfig(
         url=url,
         features=specs,
-        models=model_ids,
-        batch_sizes=sizes,
+        models=parse_assignments(models, "FEATURE=HUB_ID_OR_DIR"),
+        batch_sizes=parse_batch_sizes(batch_sizes),
         storage_options=parse_storage_options(storage_options),
         **kw,
     )

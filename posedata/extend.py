@@ -70,7 +70,10 @@ def feature_done_marker(location: DatasetLocation, folder: str, shard: str) -> s
 
 
 def extend(config: ExtendConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    from posedata.build import check_feature_options  # build imports this module
+
     started = time.time()
+    check_feature_options(list(config.features), config.batch_sizes, config.models)
     dataset = Dataset(config.url, config.storage_options)
     location, card = dataset.location, dataset.card
     dtype = config.dtype or card["build"]["dtype"]
