@@ -88,8 +88,6 @@ class Extractor:
     # Features this extractor reads from the sample (the build orders extractors by these).
     requires: ClassVar[tuple[str, ...]] = ()
     batch_size: ClassVar[int] = 16
-    # Share of one GPU an actor takes when CUDA is present (small models share a GPU).
-    gpu_share: ClassVar[float] = 1.0
     # True when the extractor runs a neural network (False: pure function of annotations).
     uses_model: ClassVar[bool] = True
     # Options of `posedata build` / `extend` (BuildConfig / ExtendConfig fields) this extractor

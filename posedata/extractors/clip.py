@@ -182,8 +182,6 @@ class ClipExtractor(ClipStyleEncoder):
     model_output = "image_embeds"  # the attribute of the model's output that is stored
     output_suffix = "embeds.npy"
     batch_size = 64
-    # ViT-H/14 is ~1.3 GB in fp16: two actors fit on one GPU.
-    gpu_share = 0.5
 
     def model_class(self) -> type:
         from transformers import CLIPVisionModelWithProjection

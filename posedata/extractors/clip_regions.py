@@ -67,7 +67,6 @@ class ClipRegionsExtractor(Extractor):
     requires = ("parsing",)
     # Up to 17 crops per image: 16 images make one CLIP forward of ~100-270 crops.
     batch_size = 16
-    gpu_share = 0.5
 
     def __init__(
         self,

@@ -32,7 +32,6 @@ class FidReferenceExtractor(Extractor):
     version = "1"
     default_model = "pytorch-fid InceptionV3 pool3"
     batch_size = 32
-    gpu_share = 0.25
     PRESETS = {**{p: (p, "torchvision") for p in FID_PROTOCOLS}, **{f"{p}-tf": (p, "tf") for p in FID_PROTOCOLS}}
 
     def __init__(

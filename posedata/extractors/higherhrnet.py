@@ -156,7 +156,6 @@ class HigherHRNetExtractor(Extractor):
     version = "1"
     default_model = WEIGHTS_FILE
     batch_size = 16
-    gpu_share = 0.25  # 28.6M-parameter conv net
 
     def __init__(
         self,

@@ -36,7 +36,6 @@ class AnnotatedKeypoints(Extractor):
     version = "1"
     uses_model = False
     batch_size = 256
-    gpu_share = 0.0
 
     def __init__(
         self,

@@ -301,7 +301,6 @@ class OpenPoseExtractor(Extractor):
     version = "1"
     default_model = "lllyasviel/Annotators"
     batch_size = 16
-    gpu_share = 0.25  # 52M-parameter conv net: several actors share one GPU
     # `openpose:full`: body + both hands (controlnet-aux's hand model), as DWPose renders them
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"full": {"hands": True, "consumers": ["imagpose", "pcdm"]}}
 

@@ -177,8 +177,6 @@ class ParsingExtractor(HFEncoderExtractor):
     version = "1"
     default_model = "mattmdjaga/segformer_b2_clothes"
     batch_size = 32
-    # SegFormer-B2 is ~55 MB in fp16: several actors share a GPU.
-    gpu_share = 0.25
 
     def __init__(
         self,

@@ -44,7 +44,6 @@ class PoseLatentExtractor(Extractor):
     default_model = VaeExtractor.PRESETS["sd15"]["model"]
     requires = (POSE_FEATURE,)
     batch_size = VaeExtractor.batch_size
-    gpu_share = VaeExtractor.gpu_share
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         name: {**spec, "consumers": ["RePoseDM"]} for name, spec in VaeExtractor.PRESETS.items()

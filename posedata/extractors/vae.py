@@ -105,8 +105,6 @@ class VaeExtractor(Extractor):
     version = "1"
     default_model = "stabilityai/stable-diffusion-2-1-base"
     batch_size = 16
-    # ~84M parameters, but activations at 512 x 352 are large: two actors share a GPU.
-    gpu_share = 0.5
     build_options = ("flip",)  # --flip
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
