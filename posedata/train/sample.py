@@ -70,8 +70,8 @@ def trained_with(model: str) -> dict[str, Any]:
     path = Path(model)
     for folder in (path, path.parent):
         config = folder / "config.json"
-        if (folder / "summary.json").is_file() or (config.is_file() and "plugin" in json.loads(config.read_text())):
-            recorded = json.loads(config.read_text())
+        recorded = json.loads(config.read_text()) if config.is_file() else {}
+        if (folder / "summary.json").is_file() or "plugin" in recorded:
             return {"preset": recorded.get("preset"), **(recorded.get("plugin_options") or {})}
     return {}
 
