@@ -89,7 +89,6 @@ class Dinov2Extractor(ClipStyleEncoder):
     version = "1"
     default_model = "facebook/dinov2-giant"
     batch_size = 64
-    # ViT-g is ~2.3 GB in fp16; activations at 257 tokens are small.
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "giant": {"model": "facebook/dinov2-giant", "config": DINOV2_GIANT_CONFIG, "consumers": ["PCDMs inpaint", "PCDMs refine"]},
