@@ -140,8 +140,8 @@ def _compose(rows, headers, rejects, cell_w, title) -> Image.Image:
             sheet.paste(thumb, (x, yy))
         name = reject["source_path"].rsplit("/", 1)[-1]
         draw.text((x, yy + CELL_HEIGHT + 4), _clip(name, cell_w), fill=TEXT, font=font)
-        reason = textwrap.wrap(f"[{reject['stage']}] {reject['reason']}", max(8, cell_w // 6))
-        for line_no, line in enumerate(reason[:3]):
+        reason = textwrap.wrap(f"[{reject['stage']}] {reject['reason']}", max(8, cell_w // 6), max_lines=3, placeholder=" ...")
+        for line_no, line in enumerate(reason):
             draw.text((x, yy + CELL_HEIGHT + 18 + 14 * line_no), _clip(line, cell_w), fill=(255, 140, 120), font=font)
     return sheet
 
